@@ -1,0 +1,1 @@
+"""Models running in this process: torch/transformers on the detected device."""

@@ -1,0 +1,517 @@
+"""The backend manager: one registry, one place that decides where a request runs.
+
+API layers (HTTP, WebSocket, MCP) call this and nothing below it. It resolves the model,
+picks a backend with the configured strategy, counts the request as in flight from
+dispatch until its stream is closed (so load figures never drift), enforces the
+request's deadline, retries elsewhere when a backend fails before producing output,
+and reports what happened to the metrics and the observer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
+
+from backends.base import Backend
+from backends.catalog import ModelCatalog
+from backends.errors import (
+    BackendUnavailableError,
+    DeadlineExceededError,
+    InferenceError,
+    ModelNotFoundError,
+    OverloadedError,
+    ShuttingDownError,
+    UnsupportedTaskError,
+)
+from backends.metrics import RequestObserver
+from backends.strategies import (
+    Candidate,
+    Strategy,
+    best_performance,
+    least_loaded,
+    round_robin,
+)
+from backends.types import (
+    BackendStatus,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    ModelCard,
+    RequestContext,
+    RerankRequest,
+    RerankResult,
+    Task,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class ManagerSettings:
+    strategy: Strategy = Strategy.LEAST_LOADED
+    max_pending_requests: int = 256
+    max_attempts: int = 3
+    health_check_interval_s: float = 30.0
+    health_check_timeout_s: float = 5.0
+    default_timeout_s: float = 300.0
+
+
+class BackendManager:
+    def __init__(
+        self,
+        settings: ManagerSettings | None = None,
+        catalog: ModelCatalog | None = None,
+        observer: RequestObserver | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings or ManagerSettings()
+        self.catalog = catalog or ModelCatalog()
+        self.observer = observer
+        self._rng = rng or random.Random()
+        self._backends: dict[str, Backend] = {}
+        self._cursor = 0
+        self._pending = 0
+        self._accepting = True
+        self._started_at = time.monotonic()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._nursery: trio.Nursery | None = None
+        self._backend_scopes: dict[str, trio.CancelScope] = {}
+
+    # ---- registry -------------------------------------------------------------------
+
+    def register(self, backend: Backend) -> None:
+        if backend.id in self._backends:
+            raise ValueError(f"a backend with id {backend.id!r} is already registered")
+        self._backends[backend.id] = backend
+        log.info("registered backend %s (%s)", backend.id, backend.backend_type.value)
+
+    def backends(self) -> list[Backend]:
+        return list(self._backends.values())
+
+    def get(self, backend_id: str) -> Backend:
+        try:
+            return self._backends[backend_id]
+        except KeyError:
+            raise BackendUnavailableError(f"no backend with id {backend_id!r}") from None
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # ---- models ---------------------------------------------------------------------
+
+    def resolve_model(self, task: Task, model: str | None) -> str:
+        resolved = self.catalog.resolve(task, model)
+        if not resolved:
+            raise ModelNotFoundError(f"no model given and no default {task.value} model is configured")
+        if not any(b.capabilities.serves(task, resolved) for b in self._backends.values()):
+            known = sorted({c.id for c in self.list_models() if c.task == task})
+            raise ModelNotFoundError(
+                f"model {model or resolved!r} is not served for {task.value} by this node; "
+                f"available: {', '.join(known) or 'none'}",
+                param="model",
+            )
+        return resolved
+
+    def list_models(self) -> list[ModelCard]:
+        seen: dict[tuple[str, Task], ModelCard] = {}
+        for backend in self._backends.values():
+            for card in backend.capabilities.models:
+                key = (card.id, card.task)
+                if key not in seen or (card.loaded and not seen[key].loaded):
+                    seen[key] = card
+        return list(seen.values())
+
+    async def load_model(self, model: str, backend_id: str | None = None) -> list[str]:
+        """Loads `model` (an alias is fine) on every backend that offers it; returns their ids."""
+        targets = self._backends_offering(model, backend_id)
+        for backend in targets:
+            await backend.load_model(self.catalog.resolve(Task.CHAT, model))
+        return [b.id for b in targets]
+
+    async def unload_model(self, model: str, backend_id: str | None = None) -> list[str]:
+        targets = self._backends_offering(model, backend_id)
+        for backend in targets:
+            await backend.unload_model(self.catalog.resolve(Task.CHAT, model))
+        return [b.id for b in targets]
+
+    def _backends_offering(self, model: str, backend_id: str | None) -> list[Backend]:
+        resolved = self.catalog.resolve(Task.CHAT, model)
+        pool = [self.get(backend_id)] if backend_id else list(self._backends.values())
+        targets = [b for b in pool if any(c.id == resolved for c in b.capabilities.models)]
+        if not targets:
+            raise ModelNotFoundError(f"no backend offers model {model!r}", param="model")
+        return targets
+
+    # ---- selection ------------------------------------------------------------------
+
+    def select(self, task: Task, model: str, exclude: frozenset[str] = frozenset()) -> Backend:
+        serving = [b for b in self._backends.values() if b.id not in exclude and b.capabilities.serves(task, model)]
+        if not serving:
+            raise BackendUnavailableError(f"no backend is available for {task.value} with model {model!r}")
+        routable = [b for b in serving if b.status.routable]
+        # If every candidate is marked down, try them anyway: a stale health verdict must
+        # not turn into a guaranteed failure.
+        pool = routable or serving
+        candidates = [self._candidate(b, model) for b in pool]
+        chosen = self._pick(candidates)
+        return self._backends[chosen.backend_id]
+
+    def _candidate(self, backend: Backend, model: str) -> Candidate:
+        perf = backend.metrics.per_model.get(model)
+        return Candidate(
+            backend_id=backend.id,
+            in_flight=backend.metrics.in_flight,
+            queue_size=backend.queue_size(),
+            ttft_s=perf.ttft_s.value if perf else None,
+            tpot_s=perf.tpot_s.value if perf else None,
+            samples=perf.samples if perf else 0,
+        )
+
+    def _pick(self, candidates: list[Candidate]) -> Candidate:
+        strategy = self.settings.strategy
+        if strategy is Strategy.ROUND_ROBIN:
+            chosen, self._cursor = round_robin(candidates, self._cursor, self._rng)
+            return chosen
+        if strategy is Strategy.LEAST_LOADED:
+            return least_loaded(candidates, self._rng)
+        return best_performance(candidates, self._rng)
+
+    # ---- dispatch -------------------------------------------------------------------
+
+    def _admit(self, ctx: RequestContext) -> None:
+        if not self._accepting:
+            raise ShuttingDownError("the node is shutting down and accepts no new requests")
+        if self._pending >= self.settings.max_pending_requests:
+            raise OverloadedError(
+                f"the node already holds {self._pending} requests "
+                f"(limit {self.settings.max_pending_requests}); retry shortly",
+                retry_after_s=1.0,
+            )
+        if ctx.deadline is None:
+            ctx.deadline = trio.current_time() + self.settings.default_timeout_s
+
+    def _enter(self, backend: Backend, task: Task, model: str) -> None:
+        self._pending += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        backend.metrics.in_flight += 1
+        backend.metrics.requests_total += 1
+        if self.observer:
+            self.observer.request_started(backend.id, model, task.value)
+
+    def _exit(
+        self,
+        backend: Backend,
+        task: Task,
+        model: str,
+        started: float,
+        error: BaseException | None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> None:
+        self._pending -= 1
+        if self._pending == 0:
+            self._idle.set()
+        metrics = backend.metrics
+        metrics.in_flight -= 1
+        latency = time.monotonic() - started
+        code: str | None = None
+        if error is None:
+            metrics.requests_ok += 1
+            metrics.consecutive_failures = 0
+            metrics.latency_s.update(latency)
+            metrics.model(model).latency_s.update(latency)
+        elif isinstance(error, (trio.Cancelled, GeneratorExit)):
+            code = "cancelled"  # the client went away: no fault of the backend's
+        elif isinstance(error, InferenceError) and not error.retryable:
+            # The request's fault (bad input, deadline), not the backend's: don't count
+            # it against the backend's health.
+            code = error.code
+        else:
+            metrics.requests_failed += 1
+            metrics.consecutive_failures += 1
+            code = error.code if isinstance(error, InferenceError) else "internal_error"
+        if self.observer:
+            self.observer.request_finished(
+                backend.id,
+                model,
+                task.value,
+                latency_s=latency,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                error_code=code,
+            )
+
+    async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
+        """Yields chunks of the answer. Callers must close it (`aclosing`)."""
+        self._admit(ctx)
+        task = request.task
+        tried: set[str] = set()
+        while True:
+            backend = self.select(task, request.model, frozenset(tried))
+            tried.add(backend.id)
+            ctx.served_by = backend.id
+            emitted = False
+            started = time.monotonic()
+            last_token_at = started
+            usage_prompt = usage_completion = 0
+            error: BaseException | None = None
+            self._enter(backend, task, request.model)
+            try:
+                async with aclosing(backend.stream(request, ctx)) as chunks:
+                    while True:
+                        chunk = await self._next_before_deadline(chunks, ctx)
+                        if chunk is None:
+                            break
+                        now = time.monotonic()
+                        if chunk.text:
+                            self._record_token_timing(backend, request.model, emitted, started, last_token_at, now)
+                            last_token_at = now
+                            emitted = True
+                        if chunk.usage is not None:
+                            usage_prompt = chunk.usage.prompt_tokens
+                            usage_completion = chunk.usage.completion_tokens
+                        yield chunk
+                self._record_throughput(backend, request.model, usage_completion, started, last_token_at)
+                return
+            except BaseException as exc:
+                error = exc
+                if self._may_retry(exc, emitted, len(tried)):
+                    log.warning("backend %s failed before output (%s); retrying elsewhere", backend.id, exc)
+                    continue
+                raise
+            finally:
+                self._exit(backend, task, request.model, started, error, usage_prompt, usage_completion)
+
+    async def generate(self, request: GenerationRequest, ctx: RequestContext) -> GenerationResult:
+        parts: list[str] = []
+        final: GenerationChunk | None = None
+        async with aclosing(self.stream(request, ctx)) as chunks:
+            async for chunk in chunks:
+                parts.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    final = chunk
+        if final is None or final.usage is None:
+            raise BackendUnavailableError("the backend ended the answer without a final chunk")
+        return GenerationResult(
+            text="".join(parts),
+            finish_reason=final.finish_reason or "stop",
+            usage=final.usage,
+            model=request.model,
+            backend_id=ctx.served_by or "",
+        )
+
+    async def embed(self, request: EmbeddingRequest, ctx: RequestContext) -> EmbeddingResult:
+        result = await self._call(request.task, request.model, ctx, lambda backend: backend.embed(request, ctx))
+        return result
+
+    async def rerank(self, request: RerankRequest, ctx: RequestContext) -> RerankResult:
+        return await self._call(request.task, request.model, ctx, lambda backend: backend.rerank(request, ctx))
+
+    async def _call(
+        self,
+        task: Task,
+        model: str,
+        ctx: RequestContext,
+        call: Callable[[Backend], Awaitable[T]],
+    ) -> T:
+        self._admit(ctx)
+        tried: set[str] = set()
+        while True:
+            backend = self.select(task, model, frozenset(tried))
+            tried.add(backend.id)
+            ctx.served_by = backend.id
+            started = time.monotonic()
+            error: BaseException | None = None
+            prompt_tokens = 0
+            self._enter(backend, task, model)
+            try:
+                with trio.move_on_at(ctx.deadline or float("inf")) as scope:
+                    result = await call(backend)
+                if scope.cancelled_caught:
+                    raise DeadlineExceededError(f"{task.value} request {ctx.request_id} exceeded its deadline")
+                prompt_tokens = getattr(getattr(result, "usage", None), "prompt_tokens", 0)
+                backend.metrics.model(model).samples += 1
+                return result
+            except BaseException as exc:
+                error = exc
+                if self._may_retry(exc, False, len(tried)):
+                    log.warning("backend %s failed (%s); retrying elsewhere", backend.id, exc)
+                    continue
+                raise
+            finally:
+                self._exit(backend, task, model, started, error, prompt_tokens)
+
+    async def _next_before_deadline(
+        self, chunks: AsyncGenerator[GenerationChunk, None], ctx: RequestContext
+    ) -> GenerationChunk | None:
+        # The cancel scope wraps one await, never a yield: safe inside an async generator.
+        with trio.move_on_at(ctx.deadline or float("inf")) as scope:
+            try:
+                return await anext(chunks)
+            except StopAsyncIteration:
+                return None
+        assert scope.cancelled_caught
+        raise DeadlineExceededError(f"request {ctx.request_id} exceeded its deadline")
+
+    def _may_retry(self, exc: BaseException, emitted: bool, attempts: int) -> bool:
+        # Once output reached the client, a retry would repeat or contradict it.
+        return (
+            isinstance(exc, InferenceError)
+            and exc.retryable
+            and not isinstance(exc, (OverloadedError, UnsupportedTaskError))
+            and not emitted
+            and attempts < self.settings.max_attempts
+        )
+
+    def _record_token_timing(
+        self, backend: Backend, model: str, emitted: bool, started: float, last: float, now: float
+    ) -> None:
+        perf = backend.metrics.model(model)
+        if not emitted:
+            ttft = now - started
+            backend.metrics.ttft_s.update(ttft, now)
+            perf.ttft_s.update(ttft, now)
+            perf.samples += 1
+            if self.observer:
+                self.observer.first_token(backend.id, model, ttft)
+        else:
+            perf.tpot_s.update(now - last, now)
+            if self.observer:
+                self.observer.token_gap(backend.id, model, now - last)
+
+    def _record_throughput(self, backend: Backend, model: str, tokens: int, started: float, last: float) -> None:
+        backend.metrics.tokens_generated += tokens
+        elapsed = last - started
+        if tokens > 1 and elapsed > 0:
+            backend.metrics.tokens_per_s.update(tokens / elapsed)
+
+    # ---- running --------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs every registered backend and the health checks until cancelled.
+
+        Each backend's `run` task lives in this nursery; cancelling `run` stops them all
+        (backends close themselves in their own `finally`).
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                for backend in list(self._backends.values()):
+                    await self._start_backend(backend)
+                nursery.start_soon(self._health_loop)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    async def add(self, backend: Backend) -> None:
+        """Registers a backend while the manager runs, and starts it."""
+        self.register(backend)
+        if self._nursery is not None:
+            await self._start_backend(backend)
+
+    async def remove(self, backend_id: str) -> None:
+        self._backends.pop(backend_id, None)
+        scope = self._backend_scopes.pop(backend_id, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _start_backend(self, backend: Backend) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._backend_scopes[backend.id] = scope
+        await self._nursery.start(self._run_backend, backend, scope)
+
+    @staticmethod
+    async def _run_backend(backend: Backend, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
+        with scope:
+            await backend.run(task_status=task_status)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.health_check_interval_s)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for backend in list(self._backends.values()):
+                nursery.start_soon(self._check_one, backend)
+
+    async def _check_one(self, backend: Backend) -> None:
+        with trio.move_on_after(self.settings.health_check_timeout_s) as scope:
+            try:
+                status = await backend.check_health()
+            except Exception as exc:  # a probe failing is a verdict, not a crash
+                backend.status_detail = f"health check failed: {exc}"
+                status = BackendStatus.UNHEALTHY
+        if scope.cancelled_caught:
+            backend.status_detail = f"health check timed out after {self.settings.health_check_timeout_s}s"
+            status = BackendStatus.UNHEALTHY
+        if status != backend.status:
+            log.info("backend %s is now %s", backend.id, status.value)
+        backend.status = status
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    async def wait_idle(self) -> None:
+        """Returns once no request is in flight (used for graceful shutdown)."""
+        await self._idle.wait()
+
+    # ---- reporting ------------------------------------------------------------------
+
+    def status_report(self) -> dict[str, object]:
+        backends = []
+        for backend in self._backends.values():
+            caps = backend.capabilities
+            loaded = sum(1 for c in caps.models if c.loaded)
+            backends.append(
+                {
+                    "id": backend.id,
+                    "name": backend.name,
+                    "type": backend.backend_type.value,
+                    "status": backend.status.value,
+                    "status_detail": backend.status_detail,
+                    "endpoint": backend.endpoint,
+                    "capabilities": {
+                        "tasks": sorted(t.value for t in caps.tasks),
+                        "models": [
+                            {"id": c.id, "task": c.task.value, "loaded": c.loaded, "context_window": c.context_window}
+                            for c in caps.models
+                        ],
+                        "streaming": caps.streaming,
+                        "batching": caps.batching,
+                        "hardware": sorted(caps.hardware),
+                        "protocols": sorted(caps.protocols),
+                        "context_window": caps.context_window,
+                    },
+                    "metrics": backend.metrics.snapshot(backend.queue_size(), loaded),
+                    "details": backend.describe(),
+                }
+            )
+        return {
+            "strategy": self.settings.strategy.value,
+            "accepting": self._accepting,
+            "pending_requests": self._pending,
+            "max_pending_requests": self.settings.max_pending_requests,
+            "default_models": {task.value: model for task, model in self.catalog.defaults.items()},
+            "aliases": dict(self.catalog.aliases),
+            "backends": backends,
+        }

@@ -1,0 +1,108 @@
+"""Live per-backend figures that routing reads and the status report shows.
+
+These are plain numbers updated on the trio thread; the Prometheus view of the same
+events lives in the node (`p2p_node.telemetry`), fed through `RequestObserver`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class Ewma:
+    """Exponentially weighted moving average with a time constant, not a fixed alpha,
+    so a backend that answers rarely is not judged by stale samples for ever."""
+
+    tau_s: float = 10.0
+    value: float | None = None
+    updated_at: float = 0.0
+
+    def update(self, sample: float, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self.value is None:
+            self.value = sample
+        else:
+            weight = math.exp(-max(now - self.updated_at, 0.0) / self.tau_s)
+            self.value = self.value * weight + sample * (1.0 - weight)
+        self.updated_at = now
+
+
+@dataclass
+class ModelPerformance:
+    """What we measured for one (backend, model): first-token time and per-token time
+    are kept apart on purpose — a long answer must not make a fast starter look slow."""
+
+    ttft_s: Ewma = field(default_factory=Ewma)
+    tpot_s: Ewma = field(default_factory=Ewma)
+    latency_s: Ewma = field(default_factory=Ewma)
+    samples: int = 0
+
+
+@dataclass
+class BackendMetrics:
+    requests_total: int = 0
+    requests_ok: int = 0
+    requests_failed: int = 0
+    in_flight: int = 0
+    tokens_generated: int = 0
+    latency_s: Ewma = field(default_factory=Ewma)
+    ttft_s: Ewma = field(default_factory=Ewma)
+    tokens_per_s: Ewma = field(default_factory=Ewma)
+    consecutive_failures: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    per_model: dict[str, ModelPerformance] = field(default_factory=dict)
+
+    def model(self, model: str) -> ModelPerformance:
+        perf = self.per_model.get(model)
+        if perf is None:
+            perf = self.per_model[model] = ModelPerformance()
+        return perf
+
+    def snapshot(self, queue_size: int, models_loaded: int) -> dict[str, object]:
+        return {
+            "requests_total": self.requests_total,
+            "requests_ok": self.requests_ok,
+            "requests_failed": self.requests_failed,
+            "in_flight": self.in_flight,
+            "queue_size": queue_size,
+            "latency_ewma_ms": _ms(self.latency_s.value),
+            "ttft_ewma_ms": _ms(self.ttft_s.value),
+            "tokens_per_s_ewma": _round(self.tokens_per_s.value),
+            "tokens_generated": self.tokens_generated,
+            "models_loaded": models_loaded,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 2)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+class RequestObserver(Protocol):
+    """Told about every request the manager dispatches (the node feeds Prometheus from it)."""
+
+    def request_started(self, backend_id: str, model: str, task: str) -> None: ...
+
+    def first_token(self, backend_id: str, model: str, ttft_s: float) -> None: ...
+
+    def token_gap(self, backend_id: str, model: str, gap_s: float) -> None: ...
+
+    def request_finished(
+        self,
+        backend_id: str,
+        model: str,
+        task: str,
+        *,
+        latency_s: float,
+        prompt_tokens: int,
+        completion_tokens: int,
+        error_code: str | None,
+    ) -> None: ...

@@ -1,0 +1,87 @@
+"""Balancing as pure functions: given a snapshot of candidates, pick one.
+
+The manager builds `Candidate` snapshots and owns any state a strategy needs (the
+round-robin cursor); nothing here touches a backend, so each strategy can be tested
+and benchmarked with plain data.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+class Strategy(enum.StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOADED = "least_loaded"
+    BEST_PERFORMANCE = "best_performance"
+
+    @classmethod
+    def parse(cls, name: str) -> Strategy:
+        key = name.strip().lower().replace("-", "_")
+        try:
+            return cls(key)
+        except ValueError:
+            raise ValueError(
+                f"unknown load-balancing strategy {name!r}; expected one of {[s.value for s in cls]}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend_id: str
+    in_flight: int  # counted by the manager from dispatch to release, so never stale
+    queue_size: int  # as reported by the backend itself
+    ttft_s: float | None = None  # EWMA for this (backend, model); None = never measured
+    tpot_s: float | None = None
+    samples: int = 0
+
+    @property
+    def load(self) -> int:
+        # Our in-flight count covers what we dispatched, including what still sits in the
+        # backend's queue; the backend's own queue figure may include other clients' work.
+        # The larger of the two never double counts and never misses dispatched requests.
+        return max(self.in_flight, self.queue_size)
+
+
+def round_robin(candidates: Sequence[Candidate], cursor: int, rng: random.Random) -> tuple[Candidate, int]:
+    """Returns the pick and the next cursor. Candidates must come in a stable order."""
+    index = cursor % len(candidates)
+    return candidates[index], index + 1
+
+
+def least_loaded(candidates: Sequence[Candidate], rng: random.Random) -> Candidate:
+    lowest = min(c.load for c in candidates)
+    return rng.choice([c for c in candidates if c.load == lowest])
+
+
+# A new backend is tried with this probability per pick until it has enough samples,
+# so it gets measured without taking a large share of traffic while it is unknown.
+EXPLORATION_SAMPLES = 3
+
+
+def best_performance(candidates: Sequence[Candidate], rng: random.Random, expected_tokens: int = 64) -> Candidate:
+    """Power of two choices over latency-weighted load.
+
+    Cost of a candidate = (TTFT + expected_tokens * TPOT) * (1 + outstanding requests):
+    first-token and per-token times stay separate figures, combined only for the
+    decision at hand. Unmeasured candidates are explored first.
+    """
+    unexplored = [c for c in candidates if c.samples < EXPLORATION_SAMPLES]
+    if unexplored:
+        return min(unexplored, key=lambda c: (c.samples, c.load, rng.random()))
+    if len(candidates) == 1:
+        return candidates[0]
+    first, second = rng.sample(list(candidates), 2)
+    return min((first, second), key=lambda c: (_cost(c, expected_tokens), rng.random()))
+
+
+def _cost(candidate: Candidate, expected_tokens: int) -> float:
+    ttft = candidate.ttft_s or 0.0
+    tpot = candidate.tpot_s or 0.0
+    return (ttft + expected_tokens * tpot) * (1 + candidate.load)
+
+
+Picker = Callable[[Sequence[Candidate]], Candidate]

@@ -1,0 +1,1 @@
+"""HTTP API: OpenAI-compatible inference, rerank, status and admin routes."""

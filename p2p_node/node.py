@@ -1,0 +1,178 @@
+"""The composition root: the one place that builds a node from its configuration.
+
+`Node.run` owns the node's nursery: the backend manager (and through it every
+backend's tasks), the HTTP server, and the signal watcher all live there. Shutdown
+is graceful: stop taking requests, let in-flight ones finish within the grace
+period, then cancel what remains.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from backends.catalog import ModelCatalog
+from backends.local.backend import LocalBackend, LocalBackendSettings
+from backends.manager import BackendManager, ManagerSettings
+from backends.types import Task
+from p2p_node.api.app import ApiDependencies, create_app
+from p2p_node.config import NodeConfig
+from p2p_node.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+def package_version() -> str:
+    try:
+        return version("p2p-node")
+    except PackageNotFoundError:  # running from a source tree without install
+        return "0.0.0+source"
+
+
+@dataclass
+class NodeAddresses:
+    http: list[str]
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.node_id = uuid.uuid4().hex[:16]  # replaced by the libp2p peer id once the mesh lands
+        self.version = package_version()
+        self.started_at = time.time()
+        self.addresses = NodeAddresses(http=[])
+        self._stop = trio.Event()
+        self.telemetry = Telemetry(self.status_report)
+        self.manager = BackendManager(
+            ManagerSettings(
+                strategy=config.routing.strategy,
+                max_pending_requests=config.routing.max_pending_requests,
+                health_check_interval_s=config.routing.health_check_interval,
+                health_check_timeout_s=config.routing.health_check_timeout,
+                default_timeout_s=config.routing.request_timeout,
+            ),
+            ModelCatalog.from_config(
+                {
+                    Task.CHAT.value: config.models.default_chat,
+                    Task.COMPLETION.value: config.models.default_chat,
+                    Task.EMBEDDING.value: config.models.default_embedding,
+                    Task.RERANK.value: config.models.default_rerank,
+                },
+                config.models.aliases,
+            ),
+            observer=self.telemetry,
+        )
+        self.local = LocalBackend(
+            LocalBackendSettings(
+                cache_dir=config.models.cache_dir,
+                device=config.models.device,
+                max_batch_size=config.batching.max_batch_size,
+                batch_wait_s=config.batching.batch_timeout_ms / 1000.0,
+                max_loaded_models=config.models.max_loaded,
+                chat_models=dict(config.models.chat),
+                embedding_models=dict(config.models.embedding),
+                rerank_models=dict(config.models.rerank),
+                preload=list(config.models.preload),
+            )
+        )
+        self.manager.register(self.local)
+        self.app = create_app(
+            ApiDependencies(
+                manager=self.manager,
+                node_status=self.status_report,
+                readiness=self.readiness,
+                render_metrics=self.telemetry.render,
+                default_max_tokens=config.models.default_max_tokens,
+                max_body_bytes=config.server.max_body_bytes,
+                version=self.version,
+            )
+        )
+
+    # ---- running --------------------------------------------------------------------
+
+    async def run(
+        self, *, handle_signals: bool = False, task_status: trio.TaskStatus[NodeAddresses] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        server = self.config.server
+        hconfig = hypercorn.config.Config()
+        hconfig.bind = [_bind_address(server.host, server.port)]
+        hconfig.graceful_timeout = server.shutdown_grace_s
+        hconfig.accesslog = None
+        hconfig.errorlog = logging.getLogger("hypercorn.error")
+        http_stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.manager.run)
+            if handle_signals:
+                nursery.start_soon(self._watch_signals)
+            async with trio.open_nursery() as http_nursery:
+                binds = await http_nursery.start(
+                    partial(hypercorn.trio.serve, self.app, hconfig, shutdown_trigger=http_stop.wait)  # type: ignore[arg-type]
+                )
+                self.addresses.http = list(binds)
+                log.info("node %s serving on %s", self.node_id, ", ".join(binds))
+                task_status.started(self.addresses)
+                await self._stop.wait()
+                self._begin_shutdown()
+                # Hypercorn stops listening and waits (up to the grace period) for open
+                # connections, so in-flight streams finish and reach their clients.
+                http_stop.set()
+            nursery.cancel_scope.cancel()
+        log.info("node %s stopped", self.node_id)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _begin_shutdown(self) -> None:
+        log.info(
+            "shutting down: refusing new requests, waiting up to %.0fs for %d in flight",
+            self.config.server.shutdown_grace_s,
+            self.manager.pending,
+        )
+        self.manager.stop_accepting()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                self.request_stop()
+                return
+
+    # ---- reporting ------------------------------------------------------------------
+
+    def status_report(self) -> dict[str, Any]:
+        return {
+            "node": {
+                "id": self.node_id,
+                "version": self.version,
+                "hostname": socket.gethostname(),
+                "started_at": self.started_at,
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "http": self.addresses.http,
+            },
+            "manager": self.manager.status_report(),
+            "peers": [],
+        }
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.manager.accepting:
+            return False, "shutting down"
+        loaded = {card.id for card in self.manager.list_models() if card.loaded}
+        missing = [m for m in self.config.models.preload if self.manager.catalog.resolve(Task.CHAT, m) not in loaded]
+        if missing:
+            return False, f"loading {', '.join(missing)}"
+        return True, "ready"
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
