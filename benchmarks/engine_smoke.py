@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.local._engine import Finished, GenerationEngine, GenerationEvent, SamplingParams, TokenDelta  # noqa: E402
-from backends.local._models import detect_device, load_causal_lm, prepare_smollm2  # noqa: E402
+from backends.local._engine import Finished, GenerationEngine, GenerationEvent, SamplingParams, TokenDelta
+from backends.local._models import detect_device, load_causal_lm, prepare_smollm2
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -42,7 +42,7 @@ def run_batch(engine: GenerationEngine, prompts: list[list[int]], params: Sampli
     done = threading.Event()
     tokens = 0
 
-    def make_emit(i: int):  # noqa: ANN202
+    def make_emit(i: int):
         def emit(event: GenerationEvent) -> None:
             nonlocal pending, tokens
             if isinstance(event, TokenDelta):
@@ -61,7 +61,7 @@ def run_batch(engine: GenerationEngine, prompts: list[list[int]], params: Sampli
         engine.submit(ids, params, make_emit(i))
     done.wait()
     elapsed = time.perf_counter() - start
-    return elapsed, texts if tokens else texts
+    return elapsed, texts
 
 
 def main() -> None:

@@ -127,3 +127,11 @@ def tiny_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]
     node = start_node(tmp_path_factory.mktemp("tiny-node"), TINY_CONFIG)
     yield node
     node.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted SmolLM2 checkpoint (install.sh prepares it; this is a no-op then)."""
+    from backends.local._models import prepare_smollm2
+
+    return prepare_smollm2(Path("~/.cache/p2p-node/models").expanduser())

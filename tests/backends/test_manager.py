@@ -13,6 +13,7 @@ from contextlib import aclosing
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from backends.base import Backend
@@ -249,7 +250,7 @@ async def test_least_loaded_spreads_concurrent_streams(autojump_clock: trio.abc.
     async with trio.open_nursery() as nursery:
         for _ in range(6):
             nursery.start_soon(manager.generate, chat(), RequestContext())
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
     assert [b.calls for b in backends] == [2, 2, 2]
 
 

@@ -32,7 +32,8 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 
 
 def assert_still_serving(node: NodeProcess) -> None:
-    answer = client(node).chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    messages = [{"role": "user", "content": "hi"}]
+    answer = client(node).chat.completions.create(model=TINY, messages=messages, max_tokens=3)
     assert answer.usage is not None and answer.usage.completion_tokens > 0
 
 
@@ -194,6 +195,7 @@ def test_models_unload_and_load_and_lazy_reload(tiny_node: NodeProcess) -> None:
 def test_overload_is_a_429_with_retry_after_and_the_node_recovers(tmp_path: Path) -> None:
     node = start_node(tmp_path, TINY_CONFIG + "\n[routing]\nmax_pending_requests = 2\n")
     try:
+
         def one(_: int) -> int:
             response = httpx.post(
                 node.url + "/v1/chat/completions",

@@ -46,8 +46,11 @@ def test_default_chat_model_knows_the_capital_of_france(real_node: NodeProcess) 
 def test_chat_without_a_model_uses_the_endpoint_default(real_node: NodeProcess) -> None:
     response = httpx.post(
         real_node.url + "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0,
-              "max_tokens": 24},
+        json={
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0,
+            "max_tokens": 24,
+        },
         timeout=120,
     )
     assert response.status_code == 200, response.text
@@ -67,11 +70,18 @@ def test_seed_model_name_reaches_the_default_chat_model(real_node: NodeProcess) 
 def test_streamed_chat_arrives_token_by_token_and_matches_the_plain_answer(real_node: NodeProcess) -> None:
     messages = [{"role": "user", "content": "Name three colours."}]
     plain = client(real_node).chat.completions.create(
-        model=CHAT_MODEL, messages=messages, temperature=0, max_tokens=20  # type: ignore[arg-type]
+        model=CHAT_MODEL,
+        messages=messages,
+        temperature=0,
+        max_tokens=20,  # type: ignore[arg-type]
     )
     stream = client(real_node).chat.completions.create(
-        model=CHAT_MODEL, messages=messages, temperature=0, max_tokens=20,  # type: ignore[arg-type]
-        stream=True, stream_options={"include_usage": True},
+        model=CHAT_MODEL,
+        messages=messages,
+        temperature=0,
+        max_tokens=20,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
     )
     pieces, finish, usage = [], None, None
     for chunk in stream:
@@ -137,8 +147,12 @@ def test_stop_sequence_ends_the_answer_before_it(real_node: NodeProcess) -> None
 def test_seeded_sampling_is_reproducible(real_node: NodeProcess) -> None:
     def sample() -> str:
         answer = client(real_node).chat.completions.create(
-            model=CHAT_MODEL, messages=[{"role": "user", "content": "Tell me a word."}],
-            temperature=1.0, top_p=0.9, seed=1234, max_tokens=12,
+            model=CHAT_MODEL,
+            messages=[{"role": "user", "content": "Tell me a word."}],
+            temperature=1.0,
+            top_p=0.9,
+            seed=1234,
+            max_tokens=12,
         )
         return answer.choices[0].message.content or ""
 
@@ -158,10 +172,14 @@ def test_embeddings_of_a_string_and_a_list(real_node: NodeProcess) -> None:
 
 
 def test_related_sentences_embed_closer_than_unrelated_ones(real_node: NodeProcess) -> None:
-    data = client(real_node).embeddings.create(
-        model="bge-base-en",  # the seed's name reaches the embedded model
-        input=["What is the capital of France?", "Paris is the capital of France.", "I like playing the guitar."],
-    ).data
+    data = (
+        client(real_node)
+        .embeddings.create(
+            model="bge-base-en",  # the seed's name reaches the embedded model
+            input=["What is the capital of France?", "Paris is the capital of France.", "I like playing the guitar."],
+        )
+        .data
+    )
     question, related, unrelated = (d.embedding for d in data)
     assert cosine(question, related) > 0.6
     assert cosine(question, related) > cosine(question, unrelated) + 0.4
@@ -212,7 +230,9 @@ def test_models_list_shows_the_defaults_and_their_aliases(real_node: NodeProcess
 def test_concurrent_requests_share_forward_passes(real_node: NodeProcess) -> None:
     def one(i: int) -> str:
         answer = client(real_node).chat.completions.create(
-            model=CHAT_MODEL, messages=[{"role": "user", "content": f"Count to {i + 3}."}], max_tokens=16,
+            model=CHAT_MODEL,
+            messages=[{"role": "user", "content": f"Count to {i + 3}."}],
+            max_tokens=16,
         )
         return answer.choices[0].message.content or ""
 
