@@ -78,3 +78,4 @@ class DeadlineExceededError(InferenceError):
 
 class ShuttingDownError(BackendUnavailableError):
     code = "shutting_down"
+    retryable = False  # the whole node is going away, not one backend

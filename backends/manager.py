@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -86,6 +86,10 @@ class BackendManager:
         self._started_at = time.monotonic()
         self._idle = trio.Event()
         self._idle.set()
+        # Set by stop_accepting(drain_s=...): in-flight requests still running then fail
+        # with ShuttingDownError instead of being cut off without a word.
+        self._drain_deadline: float | None = None
+        self._deadline_scopes: set[trio.CancelScope] = set()
         self._nursery: trio.Nursery | None = None
         self._backend_scopes: dict[str, trio.CancelScope] = {}
 
@@ -338,10 +342,10 @@ class BackendManager:
             prompt_tokens = 0
             self._enter(backend, task, model)
             try:
-                with trio.move_on_at(ctx.deadline or float("inf")) as scope:
+                with self._deadline_scope(ctx) as scope:
                     result = await call(backend)
                 if scope.cancelled_caught:
-                    raise DeadlineExceededError(f"{task.value} request {ctx.request_id} exceeded its deadline")
+                    raise self._deadline_error(ctx)
                 prompt_tokens = getattr(getattr(result, "usage", None), "prompt_tokens", 0)
                 backend.metrics.model(model).samples += 1
                 return result
@@ -358,13 +362,28 @@ class BackendManager:
         self, chunks: AsyncGenerator[GenerationChunk, None], ctx: RequestContext
     ) -> GenerationChunk | None:
         # The cancel scope wraps one await, never a yield: safe inside an async generator.
-        with trio.move_on_at(ctx.deadline or float("inf")) as scope:
+        with self._deadline_scope(ctx) as scope:
             try:
                 return await anext(chunks)
             except StopAsyncIteration:
                 return None
         assert scope.cancelled_caught
-        raise DeadlineExceededError(f"request {ctx.request_id} exceeded its deadline")
+        raise self._deadline_error(ctx)
+
+    @contextmanager
+    def _deadline_scope(self, ctx: RequestContext) -> Iterator[trio.CancelScope]:
+        deadline = min(ctx.deadline or float("inf"), self._drain_deadline or float("inf"))
+        with trio.move_on_at(deadline) as scope:
+            self._deadline_scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._deadline_scopes.discard(scope)
+
+    def _deadline_error(self, ctx: RequestContext) -> InferenceError:
+        if self._drain_deadline is not None and trio.current_time() >= self._drain_deadline:
+            return ShuttingDownError(f"the node shut down before request {ctx.request_id} finished")
+        return DeadlineExceededError(f"request {ctx.request_id} exceeded its deadline")
 
     def _may_retry(self, exc: BaseException, emitted: bool, attempts: int) -> bool:
         # Once output reached the client, a retry would repeat or contradict it.
@@ -464,8 +483,14 @@ class BackendManager:
             log.info("backend %s is now %s", backend.id, status.value)
         backend.status = status
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, drain_s: float | None = None) -> None:
+        """Refuse new requests. With `drain_s`, requests still in flight that long from now
+        fail with ShuttingDownError (streams get an error event, not a silent cut)."""
         self._accepting = False
+        if drain_s is not None:
+            self._drain_deadline = trio.current_time() + drain_s
+            for scope in self._deadline_scopes:
+                scope.deadline = min(scope.deadline, self._drain_deadline)
 
     @property
     def accepting(self) -> bool:

@@ -108,9 +108,26 @@ def _start(args: argparse.Namespace) -> int:
     try:
         trio.run(lambda: node.run(handle_signals=True))
     except OSError as exc:
-        print(f"p2p-node: cannot serve on {config.server.host}:{config.server.port}: {exc}", file=sys.stderr)
-        return 1
+        return _cannot_serve(config.server.host, config.server.port, exc)
+    except BaseExceptionGroup as group:
+        # The bind fails inside the node's nursery, so it arrives wrapped.
+        match, rest = group.split(OSError)
+        if match is None or rest is not None:
+            raise
+        return _cannot_serve(config.server.host, config.server.port, _first_leaf(match))
     return 0
+
+
+def _cannot_serve(host: str, port: int, exc: BaseException) -> int:
+    print(f"p2p-node: cannot serve on {host}:{port}: {exc}", file=sys.stderr)
+    return 1
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _prepare(args: argparse.Namespace) -> int:

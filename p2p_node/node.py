@@ -32,6 +32,9 @@ from p2p_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+# After the drain, how long hypercorn may take to write final events and close connections.
+FLUSH_AFTER_DRAIN_S = 5.0
+
 
 def package_version() -> str:
     try:
@@ -107,7 +110,9 @@ class Node:
         server = self.config.server
         hconfig = hypercorn.config.Config()
         hconfig.bind = [_bind_address(server.host, server.port)]
-        hconfig.graceful_timeout = server.shutdown_grace_s
+        # The manager drains requests for shutdown_grace_s; hypercorn then only needs long
+        # enough to write the last events and close connections.
+        hconfig.graceful_timeout = FLUSH_AFTER_DRAIN_S
         hconfig.accesslog = None
         hconfig.errorlog = logging.getLogger("hypercorn.error")
         http_stop = trio.Event()
@@ -123,9 +128,9 @@ class Node:
                 log.info("node %s serving on %s", self.node_id, ", ".join(binds))
                 task_status.started(self.addresses)
                 await self._stop.wait()
-                self._begin_shutdown()
-                # Hypercorn stops listening and waits (up to the grace period) for open
-                # connections, so in-flight streams finish and reach their clients.
+                await self._drain()
+                # Hypercorn stops listening and closes connections once their last bytes
+                # are written, so streams that just finished still reach their clients.
                 http_stop.set()
             nursery.cancel_scope.cancel()
         log.info("node %s stopped", self.node_id)
@@ -133,13 +138,18 @@ class Node:
     def request_stop(self) -> None:
         self._stop.set()
 
-    def _begin_shutdown(self) -> None:
-        log.info(
-            "shutting down: refusing new requests, waiting up to %.0fs for %d in flight",
-            self.config.server.shutdown_grace_s,
-            self.manager.pending,
-        )
-        self.manager.stop_accepting()
+    async def _drain(self) -> None:
+        """Refuse new requests (503 shutting_down; /ready fails) while the server still
+        answers, and give in-flight ones the grace period. Whatever is still running then
+        fails with a shutting_down error its client sees."""
+        grace = self.config.server.shutdown_grace_s
+        pending = self.manager.pending
+        log.info("shutting down: refusing new requests, waiting up to %.0fs for %d in flight", grace, pending)
+        self.manager.stop_accepting(drain_s=grace)
+        with trio.move_on_after(grace + FLUSH_AFTER_DRAIN_S):
+            await self.manager.wait_idle()
+        if self.manager.pending:
+            log.warning("%d requests still in flight after the grace period", self.manager.pending)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

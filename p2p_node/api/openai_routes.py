@@ -68,7 +68,7 @@ def build_router(manager: BackendManager, default_max_tokens: int) -> APIRouter:
         return await _respond(manager, generation, context(request), body.stream, body.include_usage, "cmpl")
 
     @router.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingBody, request: Request) -> dict[str, Any]:
+    async def embeddings(body: EmbeddingBody, request: Request) -> JSONResponse:
         model = manager.resolve_model(Task.EMBEDDING, body.model)
         result = await manager.embed(EmbeddingRequest(body.texts(), model), context(request))
         if body.dimensions is not None and result.vectors and body.dimensions != len(result.vectors[0]):
@@ -81,12 +81,16 @@ def build_router(manager: BackendManager, default_max_tokens: int) -> APIRouter:
             {"object": "embedding", "index": i, "embedding": _encode_vector(vec, body.encoding_format)}
             for i, vec in enumerate(result.vectors)
         ]
-        return {
-            "object": "list",
-            "data": data,
-            "model": model,
-            "usage": {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens},
-        }
+        # A JSONResponse skips FastAPI's per-item encoder walk: for a batch of vectors that
+        # walk cost more than computing them.
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens},
+            }
+        )
 
     @router.post("/v1/rerank")
     @router.post("/rerank", include_in_schema=False)
@@ -214,7 +218,10 @@ async def _sse_events(
                 chunk = await anext(rest, None)
             yield b"data: [DONE]\n\n"
         except InferenceError as exc:
+            # As vLLM does: the error event, then the usual terminator, so clients that
+            # wait for [DONE] don't hang.
             yield sse_error_event(exc)
+            yield b"data: [DONE]\n\n"
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

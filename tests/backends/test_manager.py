@@ -295,6 +295,35 @@ async def test_after_stop_accepting_new_requests_are_refused_and_idle_is_signall
     assert backend.metrics.requests_ok == 1
 
 
+async def test_a_stream_still_running_after_the_drain_period_fails_as_shutting_down(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    quick = ScriptedBackend("quick", ["a", "b"], delay=1.0)
+    slow = ScriptedBackend("slow", ["x"] * 100, delay=1.0)
+    outcomes: dict[str, object] = {}
+
+    async def consume(manager: BackendManager, name: str) -> None:
+        try:
+            outcomes[name] = (await manager.generate(chat(), RequestContext())).text
+        except ShuttingDownError as exc:
+            outcomes[name] = exc
+
+    quick_manager, slow_manager = manager_with(quick), manager_with(slow)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume, quick_manager, "quick")
+        nursery.start_soon(consume, slow_manager, "slow")
+        await trio.sleep(0.5)
+        quick_manager.stop_accepting(drain_s=10)
+        slow_manager.stop_accepting(drain_s=10)
+        started = trio.current_time()
+        with trio.fail_after(30):
+            await slow_manager.wait_idle()
+        assert trio.current_time() - started == pytest.approx(10, abs=0.01)
+    assert outcomes["quick"] == "ab"
+    assert isinstance(outcomes["slow"], ShuttingDownError)
+    assert slow.metrics.requests_failed == 0  # the node left, the backend did nothing wrong
+
+
 async def test_health_checks_update_status_and_a_hanging_probe_counts_as_unhealthy(
     autojump_clock: trio.abc.Clock,
 ) -> None:
