@@ -1,0 +1,1 @@
+"""Backends that reach inference over HTTP: OpenAI-compatible servers, Ollama, TEI."""
