@@ -47,6 +47,9 @@ class Backend(abc.ABC):
         self.status_detail = ""
         self.metrics = BackendMetrics()
         self.created_at = time.time()
+        # Fallback tier: the manager only routes to a higher number when every backend
+        # with a lower one has failed this request or can't serve the model.
+        self.priority = 0
 
     # ---- lifecycle -------------------------------------------------------------------
 

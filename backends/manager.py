@@ -169,6 +169,9 @@ class BackendManager:
         # If every candidate is marked down, try them anyway: a stale health verdict must
         # not turn into a guaranteed failure.
         pool = routable or serving
+        # Fallback chains: the strategy chooses within the most preferred tier left.
+        first_tier = min(b.priority for b in pool)
+        pool = [b for b in pool if b.priority == first_tier]
         candidates = [self._candidate(b, model) for b in pool]
         chosen = self._pick(candidates)
         return self._backends[chosen.backend_id]

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from backends.strategies import Strategy
+from p2p_node.config_backends import BackendConfig, InferenceConfig, provider_backends
 
 DEFAULT_CHAT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
@@ -81,6 +82,7 @@ class RoutingConfig(_Section):
     health_check_interval: float = Field(default=30.0, gt=0)
     health_check_timeout: float = Field(default=5.0, gt=0)
     request_timeout: float = Field(default=300.0, gt=0)
+    local_priority: int = Field(default=0, ge=0)  # the embedded backend's fallback tier
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -104,10 +106,27 @@ class NodeConfig(_Section):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    backends: list[BackendConfig] = Field(default_factory=list)
 
     def effective(self) -> dict[str, Any]:
-        """What the node logs at start: every setting, as it will be used."""
-        return self.model_dump(mode="json")
+        """What the node logs at start: every setting, as it will be used, secrets masked."""
+        dumped = self.model_dump(mode="json")
+        for backend in dumped["backends"]:
+            if backend.get("api_key"):
+                backend["api_key"] = "***"
+        if dumped["inference"].get("openai_api_key"):
+            dumped["inference"]["openai_api_key"] = "***"
+        return dumped
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def _csv(value: str) -> list[str]:
@@ -156,6 +175,15 @@ _ENV: list[tuple[str, str, str, Any]] = [
     ("P2P_NODE_LOG_LEVEL", "logging", "level", str.upper),
     ("LOG_LEVEL", "logging", "level", str.upper),
     ("P2P_NODE_LOG_FORMAT", "logging", "format", str.lower),
+    # Seed 002's provider settings.
+    ("INFERENCE_PROVIDER", "inference", "provider", str.lower),
+    ("ENABLE_FALLBACK", "inference", "enable_fallback", _bool),
+    ("FALLBACK_CHAIN", "inference", "fallback_chain", _csv),
+    ("OPENAI_API_KEY", "inference", "openai_api_key", str),
+    ("OPENAI_API_BASE", "inference", "openai_api_base", str),
+    ("LOCAL_INFERENCE_URL", "inference", "local_inference_url", str),
+    ("LOCAL_MODEL_NAME", "inference", "local_model_name", str),
+    ("LOCAL_INFERENCE_TIMEOUT", "inference", "timeout", float),
 ]
 
 ENV_VARIABLES = sorted({name for name, *_ in _ENV} | {"P2P_NODE_CONFIG"})
@@ -169,7 +197,7 @@ def load_config(
     env = os.environ if env is None else env
     if path is None and env.get("P2P_NODE_CONFIG"):
         path = Path(env["P2P_NODE_CONFIG"])
-    data: dict[str, dict[str, Any]] = {}
+    data: dict[str, Any] = {}
     if path is not None:
         data = _read_toml(path)
     applied: set[tuple[str, str]] = set()
@@ -191,7 +219,27 @@ def load_config(
         config = NodeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
-    return _apply_cross_encoder(config)
+    return _apply_backends(_apply_cross_encoder(config), env)
+
+
+def _apply_backends(config: NodeConfig, env: Mapping[str, str]) -> NodeConfig:
+    added, local_priority = provider_backends(config.inference, config.backends)
+    config.backends = [*config.backends, *added]
+    if config.inference.provider:
+        config.routing.local_priority = local_priority
+    seen = {"local"}
+    for backend in config.backends:
+        if backend.id in seen:
+            raise ConfigError(f"backend id {backend.id!r} is used twice (and 'local' is the embedded backend)")
+        seen.add(backend.id)
+        if backend.api_key is None and backend.api_key_env:
+            backend.api_key = env.get(backend.api_key_env) or None
+        if backend.type == "openai" and not backend.api_key and "api.openai.com" in (backend.url or ""):
+            raise ConfigError(
+                f"backend {backend.id!r} talks to api.openai.com and needs an API key: "
+                f"set OPENAI_API_KEY, or api_key / api_key_env in its [[backends]] entry"
+            )
+    return config
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

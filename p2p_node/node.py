@@ -25,8 +25,9 @@ import trio
 from backends.catalog import ModelCatalog
 from backends.local.backend import LocalBackend, LocalBackendSettings
 from backends.manager import BackendManager, ManagerSettings
-from backends.types import Task
+from backends.types import BackendStatus, Task
 from p2p_node.api.app import ApiDependencies, create_app
+from p2p_node.backend_factory import build_backend
 from p2p_node.config import NodeConfig
 from p2p_node.telemetry import Telemetry
 
@@ -89,12 +90,16 @@ class Node:
                 preload=list(config.models.preload),
             )
         )
+        self.local.priority = config.routing.local_priority
         self.manager.register(self.local)
+        for backend_config in config.backends:
+            self.manager.register(build_backend(backend_config))
         self.app = create_app(
             ApiDependencies(
                 manager=self.manager,
                 node_status=self.status_report,
                 readiness=self.readiness,
+                inference_health=self.inference_health,
                 render_metrics=self.telemetry.render,
                 default_max_tokens=config.models.default_max_tokens,
                 max_body_bytes=config.server.max_body_bytes,
@@ -173,6 +178,33 @@ class Node:
             "manager": self.manager.status_report(),
             "peers": [],
         }
+
+    def inference_health(self) -> dict[str, Any]:
+        """Seed 002's `/v1/health/inference`: the primary provider and each fallback."""
+        chain = self.config.inference.chain()
+        if chain:
+            primary_id, fallback_ids = chain[0], chain[1:]
+        else:
+            others = sorted((b for b in self.manager.backends() if b.id != self.local.id), key=lambda b: b.priority)
+            primary_id, fallback_ids = self.local.id, [b.id for b in others]
+        return {
+            "primary": self._provider_health(primary_id),
+            "fallbacks": [self._provider_health(backend_id) for backend_id in fallback_ids],
+        }
+
+    def _provider_health(self, backend_id: str) -> dict[str, Any]:
+        backend = self.manager.get(backend_id)
+        healthy = backend.status in (BackendStatus.HEALTHY, BackendStatus.DEGRADED)
+        entry: dict[str, Any] = {
+            "type": backend_id,
+            "backend_type": backend.backend_type.value,
+            "healthy": healthy,
+            "status": backend.status.value,
+            "models": sorted({card.id for card in backend.capabilities.models}) if healthy else [],
+        }
+        if backend.status_detail:
+            entry["error"] = backend.status_detail
+        return entry
 
     def readiness(self) -> tuple[bool, str]:
         if not self.manager.accepting:

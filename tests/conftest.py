@@ -54,7 +54,10 @@ class NodeProcess:
 
 
 def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("P2P_NODE_", "LOAD_BALANCING", "MAX_BATCH"))}
+    from p2p_node.config import ENV_VARIABLES
+
+    # The node reads these: whatever the developer's shell has set must not leak into tests.
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES and not k.startswith("P2P_NODE_")}
     env.update(OFFLINE_ENV)
     env["PYTHONPATH"] = str(REPO_ROOT)
     env.update(extra or {})

@@ -19,6 +19,7 @@ def build_router(
     node_status: Callable[[], dict[str, Any]],
     readiness: Callable[[], tuple[bool, str]],
     render_metrics: Callable[[], bytes],
+    inference_health: Callable[[], dict[str, Any]],
 ) -> APIRouter:
     router = APIRouter()
 
@@ -26,6 +27,11 @@ def build_router(
     async def health() -> dict[str, Any]:
         """Liveness: the process serves HTTP. Says nothing about models."""
         return {"status": "ok" if manager.accepting else "shutting_down"}
+
+    @router.get("/v1/health/inference")
+    async def health_inference() -> dict[str, Any]:
+        """Seed 002's provider health: the primary and each fallback, with their models."""
+        return inference_health()
 
     @router.get("/ready", response_model=None)
     @router.get("/health/ready", include_in_schema=False, response_model=None)

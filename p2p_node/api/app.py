@@ -21,6 +21,7 @@ class ApiDependencies:
     node_status: Callable[[], dict[str, Any]]
     readiness: Callable[[], tuple[bool, str]]
     render_metrics: Callable[[], bytes]
+    inference_health: Callable[[], dict[str, Any]]
     default_max_tokens: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     version: str = "0"
@@ -30,7 +31,11 @@ def create_app(deps: ApiDependencies) -> FastAPI:
     app = FastAPI(title="p2p-node", version=deps.version, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     app.include_router(openai_routes.build_router(deps.manager, deps.default_max_tokens))
-    app.include_router(admin_routes.build_router(deps.manager, deps.node_status, deps.readiness, deps.render_metrics))
+    app.include_router(
+        admin_routes.build_router(
+            deps.manager, deps.node_status, deps.readiness, deps.render_metrics, deps.inference_health
+        )
+    )
     app.add_middleware(BodySizeLimit, max_bytes=deps.max_body_bytes)
     return app
 

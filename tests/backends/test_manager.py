@@ -295,6 +295,19 @@ async def test_after_stop_accepting_new_requests_are_refused_and_idle_is_signall
     assert backend.metrics.requests_ok == 1
 
 
+async def test_fallback_tier_serves_only_when_the_preferred_tier_fails() -> None:
+    primary = ScriptedBackend("primary", ["p"], fail_before_output=BackendUnavailableError("primary down"))
+    fallback = ScriptedBackend("fallback", ["f"])
+    fallback.priority = 1
+    manager = manager_with(primary, fallback)
+    result = await manager.generate(chat(), RequestContext())
+    assert (result.backend_id, result.text) == ("fallback", "f")
+    assert primary.calls == 1
+    primary.fail_before_output = None
+    assert {(await manager.generate(chat(), RequestContext())).backend_id for _ in range(5)} == {"primary"}
+    assert fallback.calls == 1
+
+
 async def test_a_stream_still_running_after_the_drain_period_fails_as_shutting_down(
     autojump_clock: trio.abc.Clock,
 ) -> None:
