@@ -23,14 +23,15 @@ from backends.base import Backend
 from backends.catalog import ModelCatalog
 from backends.errors import (
     BackendUnavailableError,
+    ContextWindowExceededError,
     DeadlineExceededError,
     InferenceError,
     ModelNotFoundError,
     OverloadedError,
     ShuttingDownError,
-    UnsupportedTaskError,
 )
 from backends.metrics import RequestObserver
+from backends.resilience import CircuitBreaker, backoff_s, is_backend_fault, may_retry
 from backends.strategies import (
     Candidate,
     Strategy,
@@ -62,6 +63,11 @@ class ManagerSettings:
     strategy: Strategy = Strategy.LEAST_LOADED
     max_pending_requests: int = 256
     max_attempts: int = 3
+    # Circuit breaker: this many consecutive failures eject a backend for a cooldown that
+    # doubles on each repeated trip, up to the maximum.
+    failure_threshold: int = 3
+    base_cooldown_s: float = 5.0
+    max_cooldown_s: float = 300.0
     health_check_interval_s: float = 30.0
     health_check_timeout_s: float = 5.0
     default_timeout_s: float = 300.0
@@ -92,6 +98,7 @@ class BackendManager:
         self._deadline_scopes: set[trio.CancelScope] = set()
         self._nursery: trio.Nursery | None = None
         self._backend_scopes: dict[str, trio.CancelScope] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
 
     # ---- registry -------------------------------------------------------------------
 
@@ -99,6 +106,9 @@ class BackendManager:
         if backend.id in self._backends:
             raise ValueError(f"a backend with id {backend.id!r} is already registered")
         self._backends[backend.id] = backend
+        self._breakers[backend.id] = CircuitBreaker(
+            self.settings.failure_threshold, self.settings.base_cooldown_s, self.settings.max_cooldown_s
+        )
         log.info("registered backend %s (%s)", backend.id, backend.backend_type.value)
 
     def backends(self) -> list[Backend]:
@@ -161,14 +171,24 @@ class BackendManager:
 
     # ---- selection ------------------------------------------------------------------
 
-    def select(self, task: Task, model: str, exclude: frozenset[str] = frozenset()) -> Backend:
+    def select(
+        self, task: Task, model: str, exclude: frozenset[str] = frozenset(), min_context_window: int = 0
+    ) -> Backend:
         serving = [b for b in self._backends.values() if b.id not in exclude and b.capabilities.serves(task, model)]
+        if min_context_window:
+            # Unknown windows (0) may try: the backend will say if it's too small.
+            serving = [
+                b
+                for b in serving
+                if _context_window(b, task, model) in (0,) or _context_window(b, task, model) > min_context_window
+            ]
         if not serving:
             raise BackendUnavailableError(f"no backend is available for {task.value} with model {model!r}")
-        routable = [b for b in serving if b.status.routable]
-        # If every candidate is marked down, try them anyway: a stale health verdict must
-        # not turn into a guaranteed failure.
-        pool = routable or serving
+        now = trio.current_time()
+        closed = [b for b in serving if not self._breakers[b.id].is_open(now)]
+        # If every candidate is marked down or ejected, try them anyway: a stale verdict
+        # must not turn into a guaranteed failure.
+        pool = [b for b in closed if b.status.routable] or closed or serving
         # Fallback chains: the strategy chooses within the most preferred tier left.
         first_tier = min(b.priority for b in pool)
         pool = [b for b in pool if b.priority == first_tier]
@@ -235,6 +255,7 @@ class BackendManager:
         metrics.in_flight -= 1
         latency = time.monotonic() - started
         code: str | None = None
+        self._update_breaker(backend, error)
         if error is None:
             metrics.requests_ok += 1
             metrics.consecutive_failures = 0
@@ -242,9 +263,9 @@ class BackendManager:
             metrics.model(model).latency_s.update(latency)
         elif isinstance(error, (trio.Cancelled, GeneratorExit)):
             code = "cancelled"  # the client went away: no fault of the backend's
-        elif isinstance(error, InferenceError) and not error.retryable:
-            # The request's fault (bad input, deadline), not the backend's: don't count
-            # it against the backend's health.
+        elif isinstance(error, InferenceError) and not is_backend_fault(error):
+            # The request's fault (bad input, deadline) or a busy backend, not a broken
+            # one: don't count it against the backend's health.
             code = error.code
         else:
             metrics.requests_failed += 1
@@ -261,15 +282,26 @@ class BackendManager:
                 error_code=code,
             )
 
+    def _update_breaker(self, backend: Backend, error: BaseException | None) -> None:
+        breaker = self._breakers.get(backend.id)
+        if breaker is None:  # removed while the request ran
+            return
+        now = trio.current_time()
+        if error is None:
+            breaker.record_success()
+        elif isinstance(error, OverloadedError):
+            breaker.hold(now + error.retry_after_s)
+        elif is_backend_fault(error) and breaker.record_failure(now):
+            log.warning("backend %s ejected for %.0fs after repeated failures", backend.id, breaker.cooldown_s())
+
     async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
         """Yields chunks of the answer. Callers must close it (`aclosing`)."""
         self._admit(ctx)
         task = request.task
         tried: set[str] = set()
+        retry = _RetryState()
         while True:
-            backend = self.select(task, request.model, frozenset(tried))
-            tried.add(backend.id)
-            ctx.served_by = backend.id
+            backend = await self._select_for_attempt(task, request.model, tried, retry, ctx)
             emitted = False
             started = time.monotonic()
             last_token_at = started
@@ -296,6 +328,7 @@ class BackendManager:
             except BaseException as exc:
                 error = exc
                 if self._may_retry(exc, emitted, len(tried)):
+                    retry.failed(exc, _context_window(backend, task, request.model))
                     log.warning("backend %s failed before output (%s); retrying elsewhere", backend.id, exc)
                     continue
                 raise
@@ -336,10 +369,9 @@ class BackendManager:
     ) -> T:
         self._admit(ctx)
         tried: set[str] = set()
+        retry = _RetryState()
         while True:
-            backend = self.select(task, model, frozenset(tried))
-            tried.add(backend.id)
-            ctx.served_by = backend.id
+            backend = await self._select_for_attempt(task, model, tried, retry, ctx)
             started = time.monotonic()
             error: BaseException | None = None
             prompt_tokens = 0
@@ -355,6 +387,7 @@ class BackendManager:
             except BaseException as exc:
                 error = exc
                 if self._may_retry(exc, False, len(tried)):
+                    retry.failed(exc, _context_window(backend, task, model))
                     log.warning("backend %s failed (%s); retrying elsewhere", backend.id, exc)
                     continue
                 raise
@@ -389,14 +422,27 @@ class BackendManager:
         return DeadlineExceededError(f"request {ctx.request_id} exceeded its deadline")
 
     def _may_retry(self, exc: BaseException, emitted: bool, attempts: int) -> bool:
-        # Once output reached the client, a retry would repeat or contradict it.
-        return (
-            isinstance(exc, InferenceError)
-            and exc.retryable
-            and not isinstance(exc, (OverloadedError, UnsupportedTaskError))
-            and not emitted
-            and attempts < self.settings.max_attempts
-        )
+        return may_retry(exc, emitted=emitted, attempts=attempts, max_attempts=self.settings.max_attempts)
+
+    async def _select_for_attempt(
+        self, task: Task, model: str, tried: set[str], retry: _RetryState, ctx: RequestContext
+    ) -> Backend:
+        """The backend for the next attempt. A retry waits a jittered backoff (within the
+        deadline) and, if no other backend can take it, re-raises the failure it retries."""
+        if retry.last_error is not None:
+            with self._deadline_scope(ctx) as scope:
+                await trio.sleep(backoff_s(len(tried), self._rng))
+            if scope.cancelled_caught:
+                raise self._deadline_error(ctx)
+        try:
+            backend = self.select(task, model, frozenset(tried), retry.min_context_window)
+        except BackendUnavailableError:
+            if retry.last_error is not None:
+                raise retry.last_error from None
+            raise
+        tried.add(backend.id)
+        ctx.served_by = backend.id
+        return backend
 
     def _record_token_timing(
         self, backend: Backend, model: str, emitted: bool, started: float, last: float, now: float
@@ -447,6 +493,7 @@ class BackendManager:
 
     async def remove(self, backend_id: str) -> None:
         self._backends.pop(backend_id, None)
+        self._breakers.pop(backend_id, None)
         scope = self._backend_scopes.pop(backend_id, None)
         if scope is not None:
             scope.cancel()
@@ -531,6 +578,7 @@ class BackendManager:
                         "context_window": caps.context_window,
                     },
                     "metrics": backend.metrics.snapshot(backend.queue_size(), loaded),
+                    "circuit": self._circuit_report(backend.id),
                     "details": backend.describe(),
                 }
             )
@@ -543,3 +591,27 @@ class BackendManager:
             "aliases": dict(self.catalog.aliases),
             "backends": backends,
         }
+
+    def _circuit_report(self, backend_id: str) -> dict[str, object]:
+        breaker = self._breakers[backend_id]
+        remaining = breaker.open_until - trio.current_time()
+        return {"open": remaining > 0, "reopens_in_s": round(max(remaining, 0.0), 1), "trips": breaker.trips}
+
+
+@dataclass
+class _RetryState:
+    """What one request's earlier attempts teach its next one."""
+
+    last_error: BaseException | None = None
+    min_context_window: int = 0
+
+    def failed(self, exc: BaseException, context_window: int) -> None:
+        self.last_error = exc
+        if isinstance(exc, ContextWindowExceededError):
+            # Only a backend with a larger window (or one that doesn't say) can help.
+            self.min_context_window = max(self.min_context_window, context_window)
+
+
+def _context_window(backend: Backend, task: Task, model: str) -> int:
+    card = backend.capabilities.card(task, model)
+    return (card.context_window if card else None) or backend.capabilities.context_window or 0
