@@ -20,10 +20,14 @@ class Ewma:
     tau_s: float = 10.0
     value: float | None = None
     updated_at: float = 0.0
+    # Peak EWMA (Finagle, Linkerd): a sample above the average replaces it at once and
+    # decays only slowly, so a backend that just turned slow stops getting traffic now,
+    # not after many slow answers.
+    peak: bool = False
 
     def update(self, sample: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        if self.value is None:
+        if self.value is None or (self.peak and sample > self.value):
             self.value = sample
         else:
             weight = math.exp(-max(now - self.updated_at, 0.0) / self.tau_s)
@@ -36,8 +40,8 @@ class ModelPerformance:
     """What we measured for one (backend, model): first-token time and per-token time
     are kept apart on purpose — a long answer must not make a fast starter look slow."""
 
-    ttft_s: Ewma = field(default_factory=Ewma)
-    tpot_s: Ewma = field(default_factory=Ewma)
+    ttft_s: Ewma = field(default_factory=lambda: Ewma(peak=True))
+    tpot_s: Ewma = field(default_factory=lambda: Ewma(peak=True))
     latency_s: Ewma = field(default_factory=Ewma)
     samples: int = 0
 

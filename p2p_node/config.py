@@ -83,6 +83,10 @@ class RoutingConfig(_Section):
     health_check_timeout: float = Field(default=5.0, gt=0)
     request_timeout: float = Field(default=300.0, gt=0)
     local_priority: int = Field(default=0, ge=0)  # the embedded backend's fallback tier
+    max_attempts: int = Field(default=3, ge=1, le=10)  # backends tried per request before giving up
+    failure_threshold: int = Field(default=3, ge=1)  # consecutive failures that eject a backend
+    cooldown: float = Field(default=5.0, gt=0)  # first ejection; doubles on each repeated trip
+    max_cooldown: float = Field(default=300.0, gt=0)
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -172,6 +176,9 @@ _ENV: list[tuple[str, str, str, Any]] = [
     ("BACKEND_HEALTH_CHECK_INTERVAL", "routing", "health_check_interval", float),
     ("HEALTH_CHECK_TIMEOUT", "routing", "health_check_timeout", float),
     ("P2P_NODE_REQUEST_TIMEOUT", "routing", "request_timeout", float),
+    ("P2P_NODE_MAX_ATTEMPTS", "routing", "max_attempts", int),
+    ("P2P_NODE_FAILURE_THRESHOLD", "routing", "failure_threshold", int),
+    ("P2P_NODE_EJECTION_COOLDOWN", "routing", "cooldown", float),
     ("P2P_NODE_LOG_LEVEL", "logging", "level", str.upper),
     ("LOG_LEVEL", "logging", "level", str.upper),
     ("P2P_NODE_LOG_FORMAT", "logging", "format", str.lower),

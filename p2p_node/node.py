@@ -65,6 +65,10 @@ class Node:
                 health_check_interval_s=config.routing.health_check_interval,
                 health_check_timeout_s=config.routing.health_check_timeout,
                 default_timeout_s=config.routing.request_timeout,
+                max_attempts=config.routing.max_attempts,
+                failure_threshold=config.routing.failure_threshold,
+                base_cooldown_s=config.routing.cooldown,
+                max_cooldown_s=config.routing.max_cooldown,
             ),
             ModelCatalog.from_config(
                 {
