@@ -2,42 +2,115 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from backends.base import Backend
+from backends.cli import CliBackend, CliBackendSettings
+from backends.discovery import DiscoveredServer
+from backends.remote.ollama import OllamaBackend, OllamaSettings
 from backends.remote.openai_compat import OpenAIBackendSettings, OpenAICompatibleBackend
+from backends.remote.tei import TEIBackend, TEISettings
 from backends.types import ModelCard, Task
 from p2p_node.config import ConfigError
 from p2p_node.config_backends import OPENAI_COMPATIBLE, BackendConfig
 
+_COMMON_OPTIONS = {"connect_timeout", "headers"}
+
 
 def build_backend(config: BackendConfig) -> Backend:
+    backend: Backend
     if config.type in OPENAI_COMPATIBLE:
-        backend: Backend = _openai_compatible(config)
+        _check_options(config, set())
+        backend = _openai_compatible(config)
+    elif config.type == "ollama":
+        _check_options(config, {"keep_alive", "raw_completions"})
+        if config.rerank_models:
+            raise ConfigError(f"backend {config.id!r}: Ollama has no rerank endpoint; remove rerank_models")
+        backend = OllamaBackend(
+            OllamaSettings(
+                **_common(config),
+                models=tuple(config.models) if (config.models or not config.discover_models) else None,
+                embedding_models=tuple(config.embedding_models),
+                keep_alive=config.options.get("keep_alive"),
+                raw_completions=bool(config.options.get("raw_completions", False)),
+            )
+        )
+    elif config.type == "tei":
+        _check_options(config, {"normalize", "truncate", "max_parallel_batches"})
+        names = [*config.models, *config.embedding_models, *config.rerank_models]
+        backend = TEIBackend(
+            TEISettings(
+                **_common(config),
+                model_name=names[0] if len(names) == 1 else None,
+                normalize=bool(config.options.get("normalize", True)),
+                truncate=bool(config.options.get("truncate", True)),
+                max_parallel_batches=int(config.options.get("max_parallel_batches", 4)),
+            )
+        )
+    elif config.type == "cli":
+        _check_options(config, {"command", "env", "cwd", "max_concurrency", "kill_grace_s"})
+        backend = _cli(config)
     else:
         raise ConfigError(f"backend {config.id!r}: type {config.type!r} is not available in this build")
     backend.priority = config.priority
     return backend
 
 
-def _openai_compatible(config: BackendConfig) -> OpenAICompatibleBackend:
-    unknown = set(config.options) - {"connect_timeout", "headers"}
+def config_for_discovered(server: DiscoveredServer) -> BackendConfig:
+    known = ("ollama", "tei", "tgi", "vllm-server", "llamacpp", "p2p-node")
+    kind = server.kind if server.kind in known else "openai"
+    # A discovered OpenAI-compatible server on this machine needs no key: "openai" here
+    # only names the protocol.
+    return BackendConfig(id=f"{kind}-{server.port}", type=kind, url=server.url)  # type: ignore[arg-type]
+
+
+def _cli(config: BackendConfig) -> CliBackend:
+    options = config.options
+    try:
+        settings = CliBackendSettings(
+            backend_id=config.id,
+            command=str(options["command"]),
+            models=tuple(config.models),
+            timeout_s=config.timeout,
+            env={str(k): str(v) for k, v in dict(options.get("env", {})).items()},
+            cwd=options.get("cwd"),
+            max_concurrency=int(options.get("max_concurrency", 4)),
+            kill_grace_s=float(options.get("kill_grace_s", 2.0)),
+            name=f"{config.id} (cli)",
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
+    return CliBackend(settings)
+
+
+def _check_options(config: BackendConfig, allowed: set[str]) -> None:
+    unknown = set(config.options) - allowed - _COMMON_OPTIONS
     if unknown:
         raise ConfigError(f"backend {config.id!r}: unknown options {sorted(unknown)} for type {config.type}")
-    cards = tuple(
-        ModelCard(name, task, owned_by=config.id) for name in config.models for task in (Task.CHAT, Task.COMPLETION)
-    )
+
+
+def _common(config: BackendConfig) -> dict[str, Any]:
     assert config.url is not None  # BackendConfig fills in the default
+    return {
+        "backend_id": config.id,
+        "base_url": config.url,
+        "api_key": config.api_key,
+        "timeout_s": config.timeout,
+        "connect_timeout_s": float(config.options.get("connect_timeout", 5.0)),
+        "headers": {str(k): str(v) for k, v in dict(config.options.get("headers", {})).items()},
+        "name": f"{config.id} ({config.type})",
+    }
+
+
+def _openai_compatible(config: BackendConfig) -> OpenAICompatibleBackend:
+    tasks = (Task.CHAT, Task.COMPLETION)
+    cards = tuple(ModelCard(name, task, owned_by=config.id) for name in config.models for task in tasks)
     return OpenAICompatibleBackend(
         OpenAIBackendSettings(
-            backend_id=config.id,
-            base_url=config.url,
-            api_key=config.api_key,
+            **_common(config),
             models=cards,
             embedding_models=tuple(config.embedding_models),
             rerank_models=tuple(config.rerank_models),
             discover_models=config.discover_models,
-            timeout_s=config.timeout,
-            connect_timeout_s=float(config.options.get("connect_timeout", 5.0)),
-            headers={str(k): str(v) for k, v in dict(config.options.get("headers", {})).items()},
-            name=f"{config.id} ({config.type})",
         )
     )

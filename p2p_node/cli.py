@@ -104,7 +104,11 @@ def _start(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("p2p_node")
     log.info("effective configuration: %s", json.dumps(config.effective(), sort_keys=True))
-    node = Node(config)
+    try:
+        node = Node(config)  # builds the backends: their settings are checked here
+    except ConfigError as exc:
+        print(f"p2p-node: {exc}", file=sys.stderr)
+        return 2
     try:
         trio.run(lambda: node.run(handle_signals=True))
     except OSError as exc:

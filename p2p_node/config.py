@@ -94,6 +94,15 @@ class RoutingConfig(_Section):
         return Strategy.parse(value) if isinstance(value, str) else value
 
 
+class DiscoveryConfig(_Section):
+    """Probe this machine for inference servers at start (Ollama, vLLM, llama.cpp, TGI, TEI...)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    ports: list[int] = Field(default_factory=lambda: [11434, 8000, 8001, 8080, 5000, 3000])
+    timeout: float = Field(default=1.0, gt=0)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -111,6 +120,7 @@ class NodeConfig(_Section):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     backends: list[BackendConfig] = Field(default_factory=list)
 
     def effective(self) -> dict[str, Any]:
@@ -176,6 +186,7 @@ _ENV: list[tuple[str, str, str, Any]] = [
     ("BACKEND_HEALTH_CHECK_INTERVAL", "routing", "health_check_interval", float),
     ("HEALTH_CHECK_TIMEOUT", "routing", "health_check_timeout", float),
     ("P2P_NODE_REQUEST_TIMEOUT", "routing", "request_timeout", float),
+    ("P2P_NODE_DISCOVERY", "discovery", "enabled", _bool),
     ("P2P_NODE_MAX_ATTEMPTS", "routing", "max_attempts", int),
     ("P2P_NODE_FAILURE_THRESHOLD", "routing", "failure_threshold", int),
     ("P2P_NODE_EJECTION_COOLDOWN", "routing", "cooldown", float),

@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Every server that speaks the OpenAI API is reached by the same adapter; the type names
 # a user knows are kept for the status report and the default URLs.
 OPENAI_COMPATIBLE = ("openai", "vllm-server", "llamacpp", "tgi", "textgen", "localai", "p2p-node")
-BackendKind = Literal["openai", "vllm-server", "llamacpp", "tgi", "textgen", "localai", "p2p-node", "ollama", "tei"]
+BackendKind = Literal[
+    "openai", "vllm-server", "llamacpp", "tgi", "textgen", "localai", "p2p-node", "ollama", "tei", "cli"
+]
 
 # Seed 002's provider names → our backend kinds.
 PROVIDER_KINDS: dict[str, BackendKind] = {
@@ -44,6 +46,7 @@ DEFAULT_URLS: dict[str, str] = {
     "textgen": "http://127.0.0.1:5000/v1",
     "tgi": "http://127.0.0.1:8080/v1",
     "localai": "http://127.0.0.1:8080/v1",
+    "tei": "http://127.0.0.1:8080",
 }
 
 
@@ -65,6 +68,12 @@ class BackendConfig(BaseModel):
 
     @model_validator(mode="after")
     def _url_given_or_defaulted(self) -> BackendConfig:
+        if self.type == "cli":
+            if "command" not in self.options:
+                raise ValueError(f"backend {self.id!r} of type cli needs options.command (e.g. 'llm -m {{model}}')")
+            if not self.models:
+                raise ValueError(f"backend {self.id!r} of type cli needs models (the names it serves)")
+            return self
         if self.url is None:
             default = DEFAULT_URLS.get(self.type)
             if default is None:

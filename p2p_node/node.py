@@ -23,11 +23,12 @@ import hypercorn.trio
 import trio
 
 from backends.catalog import ModelCatalog
+from backends.discovery import discover
 from backends.local.backend import LocalBackend, LocalBackendSettings
 from backends.manager import BackendManager, ManagerSettings
 from backends.types import BackendStatus, Task
 from p2p_node.api.app import ApiDependencies, create_app
-from p2p_node.backend_factory import build_backend
+from p2p_node.backend_factory import build_backend, config_for_discovered
 from p2p_node.config import NodeConfig
 from p2p_node.telemetry import Telemetry
 
@@ -127,6 +128,8 @@ class Node:
         http_stop = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.manager.run)
+            if self.config.discovery.enabled:
+                await self._add_discovered_backends()
             if handle_signals:
                 nursery.start_soon(self._watch_signals)
             async with trio.open_nursery() as http_nursery:
@@ -143,6 +146,20 @@ class Node:
                 http_stop.set()
             nursery.cancel_scope.cancel()
         log.info("node %s stopped", self.node_id)
+
+    async def _add_discovered_backends(self) -> None:
+        settings = self.config.discovery
+        configured = {(b.url or "").rstrip("/") for b in self.config.backends}
+        servers = await discover(
+            settings.host, tuple(settings.ports), frozenset({self.config.server.port}), settings.timeout
+        )
+        for server in servers:
+            if server.url.rstrip("/") in configured:
+                continue  # configured explicitly, with its own settings
+            backend_config = config_for_discovered(server)
+            if backend_config.id in {b.id for b in self.manager.backends()}:
+                continue
+            await self.manager.add(build_backend(backend_config))
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -31,19 +31,33 @@ from backends.errors import (
     OverloadedError,
 )
 
-_CONTEXT_MARKERS = ("context length", "context_length", "context window", "maximum context", "too many tokens")
+_CONTEXT_MARKERS = (
+    "context length",
+    "context_length",
+    "context window",
+    "maximum context",
+    "too many tokens",
+    "must have less than",  # TEI with truncate=false
+)
 
 
 @contextmanager
-def translate_errors(backend_id: str) -> Iterator[None]:
-    """Map transport-level failures (connect, read, timeouts, protocol) to our errors."""
+def translate_errors(backend_id: str, *, reply_started: bool = False) -> Iterator[None]:
+    """Map transport-level failures (connect, read, timeouts, protocol) to our errors.
+
+    With `reply_started`, the upstream already accepted the request and began answering:
+    a dropped connection then is a failure while serving (`BackendFailedError`), not an
+    unreachable backend.
+    """
     try:
         yield
     except InferenceError:
         raise
-    except httpx.TimeoutException as exc:
-        raise BackendUnavailableError(f"backend {backend_id} timed out ({type(exc).__name__})") from exc
-    except httpx.TransportError as exc:  # ConnectError, ReadError, RemoteProtocolError...
+    except httpx.TransportError as exc:  # ConnectError, ReadError, timeouts, RemoteProtocolError...
+        if reply_started:
+            raise BackendFailedError(f"backend {backend_id} broke off its answer: {exc or type(exc).__name__}") from exc
+        if isinstance(exc, httpx.TimeoutException):
+            raise BackendUnavailableError(f"backend {backend_id} timed out ({type(exc).__name__})") from exc
         raise BackendUnavailableError(f"backend {backend_id} is unreachable: {exc or type(exc).__name__}") from exc
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BackendFailedError(f"backend {backend_id} sent a malformed reply: {exc}") from exc
@@ -59,6 +73,8 @@ def raise_for_status(response: httpx.Response, backend_id: str) -> None:
     where = f"backend {backend_id}"
     if status == 429:
         raise OverloadedError(f"{where} is rate limiting: {message}", retry_after_s=retry_after(response))
+    if status == 424:  # TEI: the model itself failed
+        raise BackendFailedError(f"{where} failed to run the model: {message}")
     if status in (502, 503, 504):
         raise BackendUnavailableError(f"{where} answered {status}: {message}")
     if status >= 500:

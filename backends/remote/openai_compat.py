@@ -160,7 +160,9 @@ class OpenAICompatibleBackend(Backend):
     def _timeout(self, ctx: RequestContext) -> httpx.Timeout:
         total = self.settings.timeout_s
         if ctx.deadline is not None:
-            total = max(0.001, min(total, ctx.deadline - trio.current_time()))
+            # A second past the deadline: the manager's cancel scope should fire first and
+            # report the deadline, not a timed-out backend to retry elsewhere.
+            total = max(0.001, min(total, ctx.deadline - trio.current_time() + 1.0))
         return httpx.Timeout(total, connect=min(total, self.settings.connect_timeout_s))
 
     async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
@@ -190,8 +192,9 @@ class OpenAICompatibleBackend(Backend):
                 if response.status_code >= 400:
                     await response.aread()
                     raise_for_status(response, self.id)
-                async for chunk in _parse_sse(response, self.id, chat=isinstance(request, ChatRequest)):
-                    yield chunk
+                with translate_errors(self.id, reply_started=True):
+                    async for chunk in _parse_sse(response, self.id, chat=isinstance(request, ChatRequest)):
+                        yield chunk
 
     async def embed(self, request: EmbeddingRequest, ctx: RequestContext) -> EmbeddingResult:
         body = {"model": request.model, "input": list(request.inputs), "encoding_format": "float"}

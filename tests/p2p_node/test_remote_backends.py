@@ -69,7 +69,11 @@ def test_primary_provider_serves_and_answers_exactly_as_the_upstream(
 def test_streaming_through_the_gateway_matches_the_upstream(gateway: NodeProcess, upstream: NodeProcess) -> None:
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
     stream = client.chat.completions.create(
-        model=TINY, messages=MESSAGES, max_tokens=12, temperature=0, stream=True  # type: ignore[arg-type]
+        model=TINY,
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
     )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == chat(upstream).json()["choices"][0]["message"]["content"]
@@ -141,3 +145,84 @@ def test_unknown_provider_is_one_clear_line_at_start(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "unknown inference provider 'skynet'" in result.stderr
+
+
+def test_a_server_found_by_discovery_serves_the_models_only_it_has(tmp_path: Path, upstream: NodeProcess) -> None:
+    port = int(upstream.url.rsplit(":", 1)[1])
+    config = f"""
+[models]
+chat = {{}}
+preload = []
+
+[discovery]
+ports = [{port}]
+"""
+    node = start_node(tmp_path / "discovering", config)
+    try:
+        response = chat(node)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-backend-id"] == f"p2p-node-{port}"
+        assert (
+            response.json()["choices"][0]["message"]["content"]
+            == chat(upstream).json()["choices"][0]["message"]["content"]
+        )
+        backends = {b["id"]: b for b in httpx.get(node.url + "/status", timeout=10).json()["manager"]["backends"]}
+        assert backends[f"p2p-node-{port}"]["type"] == "api"
+        assert backends[f"p2p-node-{port}"]["endpoint"] == upstream.url + "/v1"
+    finally:
+        node.stop()
+
+
+def test_a_configured_cli_tool_serves_chat_through_the_openai_api(tmp_path: Path) -> None:
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    tool = REPO_ROOT / "tests" / "backends" / "cli" / "tools" / "fake_llm.py"
+    config = f"""
+[models]
+preload = []
+
+[[backends]]
+id = "llm-cli"
+type = "cli"
+models = ["cli-echo"]
+options = {{ command = "{sys.executable} {tool} -m {{model}} {{prompt}}" }}
+"""
+    node = start_node(tmp_path / "cli-node", config)
+    try:
+        client = openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model="cli-echo",
+            messages=[{"role": "user", "content": "say 'quoted; words' back"}],
+            stream=True,
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert "say 'quoted; words' back" in text
+        health = httpx.get(node.url + "/v1/health/inference", timeout=10).json()
+        assert {f["type"]: f["healthy"] for f in health["fallbacks"]} == {"llm-cli": True}
+    finally:
+        node.stop()
+
+
+def test_a_malformed_cli_template_is_one_clear_line_at_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import node_env
+
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[[backends]]\nid = "bad"\ntype = "cli"\nmodels = ["x"]\noptions = { command = "claude -p {pompt}" }\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "p2p_node", "start", "--config", str(config), "--port", "0"],
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]  # after the effective-configuration log line
+    assert last_line.startswith("p2p-node: ") and "{pompt}" in last_line
+    assert "Traceback" not in result.stderr
