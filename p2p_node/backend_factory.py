@@ -7,6 +7,7 @@ from typing import Any
 from backends.base import Backend
 from backends.cli import CliBackend, CliBackendSettings
 from backends.discovery import DiscoveredServer
+from backends.lifecycle import LazyBackend
 from backends.remote.ollama import OllamaBackend, OllamaSettings
 from backends.remote.openai_compat import OpenAIBackendSettings, OpenAICompatibleBackend
 from backends.remote.tei import TEIBackend, TEISettings
@@ -53,6 +54,8 @@ def build_backend(config: BackendConfig) -> Backend:
     else:
         raise ConfigError(f"backend {config.id!r}: type {config.type!r} is not available in this build")
     backend.priority = config.priority
+    if config.lazy:
+        return LazyBackend(backend, idle_timeout_s=config.idle_timeout, start_timeout_s=config.start_timeout)
     return backend
 
 

@@ -64,6 +64,10 @@ class BackendConfig(BaseModel):
     discover_models: bool = True
     timeout: float = Field(default=300.0, gt=0)
     priority: int = Field(default=0, ge=0)  # fallback tier: 0 first
+    # Started by the first request instead of at node start; stopped after idle_timeout.
+    lazy: bool = False
+    idle_timeout: float = Field(default=300.0, gt=0)
+    start_timeout: float = Field(default=600.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)  # type-specific settings
 
     @model_validator(mode="after")
