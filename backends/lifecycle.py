@@ -230,4 +230,3 @@ class _ScopeReporter:
     def started(self, value: object = None) -> None:
         self.reported = True
         self._outer.started(self._scope)
-

@@ -64,6 +64,8 @@ class ModelsConfig(_Section):
     preload: list[str] = Field(default_factory=lambda: [DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL])
     max_loaded: int = Field(default=3, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
+    # Models loaded on demand (not in preload) are unloaded after this many idle seconds; 0: never.
+    idle_unload: float = Field(default=300.0, ge=0)
 
     @field_validator("cache_dir", "cross_encoder_path")
     @classmethod
@@ -178,6 +180,7 @@ _ENV: list[tuple[str, str, str, Any]] = [
     ("P2P_NODE_PRELOAD", "models", "preload", _csv),
     ("P2P_NODE_MAX_LOADED_MODELS", "models", "max_loaded", int),
     ("P2P_NODE_DEFAULT_MAX_TOKENS", "models", "default_max_tokens", int),
+    ("P2P_NODE_IDLE_UNLOAD", "models", "idle_unload", float),
     ("MAX_BATCH_SIZE", "batching", "max_batch_size", int),
     ("BATCH_TIMEOUT_MS", "batching", "batch_timeout_ms", float),
     ("LOAD_BALANCING_STRATEGY", "routing", "strategy", str),

@@ -93,6 +93,7 @@ class Node:
                 embedding_models=dict(config.models.embedding),
                 rerank_models=dict(config.models.rerank),
                 preload=list(config.models.preload),
+                idle_unload_s=config.models.idle_unload or None,
             )
         )
         self.local.priority = config.routing.local_priority

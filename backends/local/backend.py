@@ -13,6 +13,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ class LocalBackendSettings:
     # model id -> "embedding:<embedding model id>" (cosine) or a local cross-encoder directory
     rerank_models: dict[str, str] = field(default_factory=lambda: {MINILM_ID: f"embedding:{MINILM_ID}"})
     preload: list[str] = field(default_factory=list)
+    # Models loaded on demand (not preloaded) are unloaded after this long unused; None: never.
+    idle_unload_s: float | None = 300.0
 
 
 @dataclass
@@ -110,6 +113,8 @@ class LocalBackend(Backend):
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._closing = False
+        self._last_used: dict[str, float] = {}
+        self._in_use: dict[str, int] = {}
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -122,6 +127,8 @@ class LocalBackend(Backend):
                 task_status.started()
                 for model in self.settings.preload:
                     nursery.start_soon(self._preload, model)
+                if self.settings.idle_unload_s is not None:
+                    nursery.start_soon(self._unload_idle_models, self.settings.idle_unload_s)
                 await trio.sleep_forever()
         finally:
             self._nursery = None
@@ -129,6 +136,18 @@ class LocalBackend(Backend):
             with trio.CancelScope(shield=True):
                 await self._unload_all()
             self.status = BackendStatus.OFFLINE
+
+    async def _unload_idle_models(self, idle_s: float) -> None:
+        """Lazily loaded models give their memory back when unused; preloaded ones stay."""
+        while True:
+            await trio.sleep(min(idle_s / 4, 30.0))
+            now = trio.current_time()
+            for model in list(self._loaded):
+                if model in self.settings.preload or self._in_use.get(model, 0):
+                    continue
+                if now - self._last_used.get(model, now) >= idle_s:
+                    log.info("unloading %s after %.0fs unused", model, now - self._last_used[model])
+                    await self.unload_model(model)
 
     async def _preload(self, model: str) -> None:
         try:
@@ -245,6 +264,7 @@ class LocalBackend(Backend):
     async def _ensure_loaded(self, model: str) -> _Loaded:
         if self._closing:
             raise ShuttingDownError("the local backend is shutting down")
+        self._last_used[model] = trio.current_time()
         loaded = self._loaded.get(model)
         if loaded is not None:
             self._loaded.move_to_end(model)
@@ -338,6 +358,17 @@ class LocalBackend(Backend):
     # ---- inference ------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
+        model = request.model
+        self._in_use[model] = self._in_use.get(model, 0) + 1
+        try:
+            async with aclosing(self._stream(request, ctx)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self._in_use[model] -= 1
+            self._last_used[model] = trio.current_time()
+
+    async def _stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
         loaded = await self._ensure_loaded(request.model)
         assert isinstance(loaded, _Generator)
         prompt_ids = self._prompt_ids(loaded, request)
