@@ -226,3 +226,21 @@ def test_a_malformed_cli_template_is_one_clear_line_at_start(tmp_path: Path) -> 
     last_line = result.stderr.strip().splitlines()[-1]  # after the effective-configuration log line
     assert last_line.startswith("p2p-node: ") and "{pompt}" in last_line
     assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_backend_url_is_reported_clearly_and_the_node_still_serves(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    config = TINY_CONFIG + f'\n[[backends]]\nid = "nowhere"\ntype = "openai"\nurl = "{dead}"\nmodels = ["{TINY}"]\n'
+    node = start_node(tmp_path / "unreachable", config)
+    try:
+        warning = [line for line in node.log().splitlines() if "nowhere" in line and "not healthy at start" in line]
+        assert len(warning) == 1 and "unreachable" in warning[0]
+        response = chat(node)  # an unhealthy backend gets no traffic while a healthy one can serve
+        assert response.status_code == 200
+        assert response.headers["x-backend-id"] == "local"
+        backends = {b["id"]: b for b in httpx.get(node.url + "/status", timeout=10).json()["manager"]["backends"]}
+        assert backends["nowhere"]["status"] == "unhealthy"
+    finally:
+        node.stop()
