@@ -36,6 +36,8 @@ class ServerConfig(_Section):
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # Clients must present one of these (Authorization: Bearer / X-API-Key) when any is set.
+    api_keys: list[str] = Field(default_factory=list)
 
 
 class ModelsConfig(_Section):
@@ -128,6 +130,7 @@ class NodeConfig(_Section):
     def effective(self) -> dict[str, Any]:
         """What the node logs at start: every setting, as it will be used, secrets masked."""
         dumped = self.model_dump(mode="json")
+        dumped["server"]["api_keys"] = ["***"] * len(dumped["server"]["api_keys"])
         for backend in dumped["backends"]:
             if backend.get("api_key"):
                 backend["api_key"] = "***"
@@ -170,6 +173,7 @@ _ENV: list[tuple[str, str, str, Any]] = [
     ("PORT", "server", "port", int),
     ("P2P_NODE_MAX_BODY_BYTES", "server", "max_body_bytes", int),
     ("P2P_NODE_SHUTDOWN_GRACE", "server", "shutdown_grace_s", float),
+    ("P2P_NODE_API_KEYS", "server", "api_keys", _csv),
     ("P2P_NODE_MODEL_CACHE", "models", "cache_dir", str),
     ("P2P_NODE_DEVICE", "models", "device", str),
     ("DEFAULT_CHAT_MODEL", "models", "default_chat", str),

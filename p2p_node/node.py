@@ -28,6 +28,7 @@ from backends.local.backend import LocalBackend, LocalBackendSettings
 from backends.manager import BackendManager, ManagerSettings
 from backends.types import BackendStatus, Task
 from p2p_node.api.app import ApiDependencies, create_app
+from p2p_node.api.auth import ApiKeys
 from p2p_node.backend_factory import build_backend, config_for_discovered
 from p2p_node.config import NodeConfig
 from p2p_node.telemetry import Telemetry
@@ -110,6 +111,7 @@ class Node:
                 default_max_tokens=config.models.default_max_tokens,
                 max_body_bytes=config.server.max_body_bytes,
                 version=self.version,
+                api_keys=ApiKeys(config.server.api_keys),
             )
         )
 

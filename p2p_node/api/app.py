@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.manager import BackendManager
 from p2p_node.api import admin_routes, openai_routes
+from p2p_node.api.auth import ApiKeys, RequireApiKey
 from p2p_node.api.errors import error_body, install_error_handlers
 
 
@@ -25,6 +26,7 @@ class ApiDependencies:
     default_max_tokens: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     version: str = "0"
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
 
 
 def create_app(deps: ApiDependencies) -> FastAPI:
@@ -37,6 +39,8 @@ def create_app(deps: ApiDependencies) -> FastAPI:
         )
     )
     app.add_middleware(BodySizeLimit, max_bytes=deps.max_body_bytes)
+    # Added last, so it runs first: unauthenticated requests cost nothing further.
+    app.add_middleware(RequireApiKey, keys=deps.api_keys)
     return app
 
 
