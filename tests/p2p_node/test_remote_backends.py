@@ -244,3 +244,40 @@ def test_an_unreachable_backend_url_is_reported_clearly_and_the_node_still_serve
         assert backends["nowhere"]["status"] == "unhealthy"
     finally:
         node.stop()
+
+
+def test_a_supervised_vllm_configured_in_toml_serves_chat(tmp_path: Path) -> None:
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    fake = REPO_ROOT / "tests" / "backends" / "gpu" / "fake_vllm.py"
+    config = f"""
+[models]
+preload = []
+
+[[backends]]
+id = "gpu"
+type = "vllm"
+models = ["qwen-7b"]
+
+[backends.options]
+model = "Qwen/Qwen2.5-7B-Instruct"
+executable = ["{sys.executable}", "{fake}"]
+tensor_parallel_size = 1
+"""
+    node = start_node(tmp_path / "vllm-node", config)
+    try:
+
+        def vllm_ready() -> bool:
+            backends = httpx.get(node.url + "/status", timeout=10).json()["manager"]["backends"]
+            return any(b["id"] == "gpu" and b["status"] == "healthy" for b in backends)
+
+        wait_for(vllm_ready, timeout=60)
+        body = {"model": "qwen-7b", "messages": [{"role": "user", "content": "echo these four words"}]}
+        response = httpx.post(node.url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-backend-id"] == "gpu"
+        assert response.json()["choices"][0]["message"]["content"] == "echo these four words"
+    finally:
+        assert node.stop() == 0
