@@ -14,7 +14,9 @@ Inference (`INFERENCE_PROTOCOL`), one request per stream:
     client → server   cancel {t, id}   (at any time; the server stops and answers error "cancelled")
 
 Adverts (`ADVERT_PROTOCOL`): the dialer opens a stream, both sides write their advert
-{t: "advert", ...} and then push a fresh one whenever it changed (at most once a second).
+{t: "advert", peer_id, version, seq, models, load, ...} and then push a fresh one whenever
+it changed (at most once a second) and at least every keep-alive period; {t: "ping", n} is
+answered with {t: "pong", n} to measure the round trip.
 
 This module is pure: it knows nothing of sockets or libp2p (see docs/PROTOCOL.md).
 """
@@ -32,7 +34,8 @@ ADVERT_PROTOCOL = "/p2p-node/advert/1.0.0"
 MAX_FRAME_BYTES = 4 * 1024 * 1024  # an embedding batch answer fits; a runaway peer doesn't
 _HEADER = struct.Struct(">I")
 
-REQUEST, CHUNK, DONE, RESULT, ERROR, CANCEL, ADVERT = "request", "chunk", "done", "result", "error", "cancel", "advert"
+REQUEST, CHUNK, DONE, RESULT, ERROR, CANCEL = "request", "chunk", "done", "result", "error", "cancel"
+ADVERT, PING, PONG = "advert", "ping", "pong"
 TASKS = frozenset({"chat", "completion", "embedding", "rerank"})
 
 # Required fields (and their types) per frame type; extra fields are ignored, so newer
@@ -45,6 +48,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     ERROR: {"id": str, "code": str, "message": str},
     CANCEL: {"id": str},
     ADVERT: {"peer_id": str, "version": str, "seq": int, "models": list, "load": dict},
+    PING: {"n": int},
+    PONG: {"n": int},
 }
 
 

@@ -1,0 +1,375 @@
+"""One libp2p host per node: it listens, dials bootstrap and discovered peers, exchanges
+capability adverts, and carries inference requests both ways.
+
+Designed around py-libp2p 0.8.1's measured faults (../shared/notes/libp2p.md):
+Noise only (a listener would otherwise accept plaintext), one connection per peer (no
+250 ms happy-eyeballs wait), every stream handler guarded (an escaping exception stops the
+host serving), timeouts on every read (a silent peer must not hang us), explicit done /
+error frames (a peer going away looks like a clean EOF).
+
+The host knows nothing of backends: `serve` (a request frame → an async iterator of reply
+frames) and `local_advert` (what this node offers now) are injected by the node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+
+from p2p_node.mesh import wire
+from p2p_node.mesh.framed import FramedStream, StreamBroken
+from p2p_node.mesh.identity import peer_id_of
+
+log = logging.getLogger(__name__)
+
+ServeFn = Callable[[dict[str, Any], str], AsyncGenerator[dict[str, Any], None]]
+AdvertFn = Callable[[], dict[str, Any]]
+
+
+@dataclass
+class MeshSettings:
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    bootstrap: list[str] = field(default_factory=list)
+    # Without the secret a node can neither connect (libp2p private network) nor ask.
+    secret: str | None = None
+    # When set, only these peer ids may connect, advertise or ask for inference.
+    allow_peers: frozenset[str] = frozenset()
+    advert_interval_s: float = 1.0  # at most one advert per peer per interval
+    keepalive_s: float = 5.0  # adverts and pings at least this often
+    advert_ttl_s: float = 15.0  # a peer silent this long is forgotten
+    request_first_frame_timeout_s: float = 10.0
+    reconnect_max_backoff_s: float = 30.0
+
+
+@dataclass
+class PeerState:
+    peer_id: str
+    addrs: list[str] = field(default_factory=list)
+    advert: dict[str, Any] = field(default_factory=dict)
+    advert_at: float = 0.0
+    rtt_s: float | None = None
+    connected: bool = False
+    adverts_received: int = 0
+
+
+class MeshHost:
+    def __init__(
+        self,
+        settings: MeshSettings,
+        key_pair: KeyPair,
+        serve: ServeFn,
+        local_advert: AdvertFn,
+        on_peers_changed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.key_pair = key_pair
+        self.peer_id = peer_id_of(key_pair)
+        self._serve = serve
+        self._local_advert = local_advert
+        self._on_peers_changed = on_peers_changed
+        self.peers: dict[str, PeerState] = {}
+        self.addrs: list[str] = []
+        self.adverts_sent = 0
+        self._host: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._dialing: set[str] = set()
+        self._advert_seq = 0
+        self._last_advert_body: dict[str, Any] | None = None
+
+    # ---- running ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        noise = NoiseTransport(self.key_pair, noise_privkey=create_x25519_key_pair().private_key)
+        psk = hashlib.sha256(self.settings.secret.encode()).hexdigest() if self.settings.secret else None
+        self._host = new_host(
+            key_pair=self.key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: noise},
+            muxer_preference="YAMUX",
+            connection_config=ConnectionConfig(max_connections_per_peer=1),
+            psk=psk,
+        )
+        self._host.set_stream_handler(TProtocol(wire.INFERENCE_PROTOCOL), self._guarded(self._handle_inference))
+        self._host.set_stream_handler(TProtocol(wire.ADVERT_PROTOCOL), self._guarded(self._handle_advert))
+        listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
+        async with self._host.run(listen_addrs=listen), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.addrs = [_with_peer_id(str(a), self.peer_id) for a in self._host.get_addrs()]
+            for address in self.settings.bootstrap:
+                self.connect(address)
+            nursery.start_soon(self._forget_silent_peers)
+            task_status.started(self.addrs)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def connect(self, address: str) -> None:
+        """Keep a connection to the peer at `address` (a /p2p/ multiaddr), redialing with
+        backoff while it's unreachable. Idempotent per peer."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+        except Exception as exc:
+            log.warning("ignoring peer address %s: %s", address, exc)
+            return
+        peer = str(info.peer_id)
+        if peer == self.peer_id or peer in self._dialing or self._nursery is None:
+            return
+        self._dialing.add(peer)
+        self._nursery.start_soon(self._keep_connected, info, address)
+
+    async def _keep_connected(self, info: Any, address: str) -> None:
+        peer = str(info.peer_id)
+        backoff = 0.5
+        try:
+            while True:
+                try:
+                    with trio.fail_after(10):
+                        await self._host.connect(info)
+                        stream = await self._host.new_stream(info.peer_id, [TProtocol(wire.ADVERT_PROTOCOL)])
+                    backoff = 0.5
+                    log.info("connected to peer %s at %s", peer, address)
+                    await self._exchange_adverts(FramedStream(stream), peer)
+                except Exception as exc:  # unreachable, refused, reset: try again later
+                    log.debug("peer %s at %s: %s", peer, address, exc)
+                state = self.peers.get(peer)
+                if state is not None:
+                    state.connected = False
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.reconnect_max_backoff_s)
+        finally:
+            self._dialing.discard(peer)
+
+    def _guarded(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        async def guarded(stream: Any) -> None:
+            try:
+                await handler(stream)
+            except Exception as exc:  # never let a peer's misbehaviour stop the host
+                log.info("stream handler %s: %s", handler.__name__, exc)
+                await FramedStream(stream).reset()
+
+        return guarded
+
+    def _allowed(self, peer: str) -> bool:
+        return not self.settings.allow_peers or peer in self.settings.allow_peers
+
+    # ---- adverts ----------------------------------------------------------------------
+
+    async def _handle_advert(self, stream: Any) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        if not self._allowed(peer):
+            log.warning("refused advert stream from peer %s (not in the allow-list)", peer)
+            await FramedStream(stream).reset()
+            return
+        await self._exchange_adverts(FramedStream(stream), peer)
+
+    def current_advert(self) -> dict[str, Any]:
+        body = self._local_advert()
+        if body != self._last_advert_body:
+            self._last_advert_body = body
+            self._advert_seq += 1
+        return {"t": wire.ADVERT, "peer_id": self.peer_id, "seq": self._advert_seq, "addrs": self.addrs, **body}
+
+    async def _exchange_adverts(self, framed: FramedStream, peer: str) -> None:
+        state = self.peers.setdefault(peer, PeerState(peer))
+        state.connected = True
+        pings: dict[int, float] = {}
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._push_adverts, framed, pings)
+                await self._read_adverts(framed, peer, state, pings)
+                nursery.cancel_scope.cancel()
+        finally:
+            state.connected = False
+            await framed.reset()
+
+    async def _push_adverts(self, framed: FramedStream, pings: dict[int, float]) -> None:
+        sent_seq = -1
+        last_sent = -math.inf
+        ping_n = 0
+        while True:
+            advert = self.current_advert()
+            now = trio.current_time()
+            if advert["seq"] != sent_seq or now - last_sent >= self.settings.keepalive_s:
+                await framed.send(advert)
+                self.adverts_sent += 1
+                sent_seq, last_sent = advert["seq"], now
+                ping_n += 1
+                pings[ping_n] = trio.current_time()
+                await framed.send({"t": wire.PING, "n": ping_n})
+            await trio.sleep(self.settings.advert_interval_s)
+
+    async def _read_adverts(self, framed: FramedStream, peer: str, state: PeerState, pings: dict[int, float]) -> None:
+        while True:
+            message = await framed.receive(timeout_s=self.settings.advert_ttl_s)
+            if message is None:
+                return
+            kind = message["t"]
+            if kind == wire.PING:
+                await framed.send({"t": wire.PONG, "n": message["n"]})
+            elif kind == wire.PONG:
+                sent = pings.pop(message["n"], None)
+                if sent is not None:
+                    sample = trio.current_time() - sent
+                    state.rtt_s = sample if state.rtt_s is None else 0.8 * state.rtt_s + 0.2 * sample
+            elif kind == wire.ADVERT:
+                if message["peer_id"] != peer:  # a peer may only speak for itself
+                    raise StreamBroken(f"peer {peer} sent an advert for {message['peer_id']}")
+                capabilities_changed = _capabilities(message) != _capabilities(state.advert)
+                state.advert, state.advert_at = message, trio.current_time()
+                state.addrs = [str(a) for a in message.get("addrs", [])]
+                state.adverts_received += 1
+                if capabilities_changed:
+                    self._on_peers_changed()
+
+    async def _forget_silent_peers(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            now = trio.current_time()
+            silent = [p for p, s in self.peers.items() if now - s.advert_at > self.settings.advert_ttl_s]
+            for peer in silent:
+                if self.peers[peer].connected and not self.peers[peer].advert:
+                    continue  # connected, first advert still on its way
+                log.info("forgetting peer %s (no advert for %.0fs)", peer, now - self.peers[peer].advert_at)
+                del self.peers[peer]
+            if silent:
+                self._on_peers_changed()
+
+    # ---- inference: serving ----------------------------------------------------------
+
+    async def _handle_inference(self, stream: Any) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        framed = FramedStream(stream)
+        if not self._allowed(peer):
+            log.warning("refused inference stream from peer %s (not in the allow-list)", peer)
+            await framed.reset()
+            return
+        try:
+            message = await framed.receive(timeout_s=self.settings.request_first_frame_timeout_s)
+        except wire.WireError as exc:
+            await framed.send(wire.error("", "bad_frame", str(exc)))
+            await framed.close()
+            return
+        if message is None or message["t"] != wire.REQUEST:
+            await framed.send(wire.error("", "bad_request", "the first frame must be a request"))
+            await framed.close()
+            return
+        request_id = message["id"]
+        if self.peer_id in message["hops"]:
+            await framed.send(wire.error(request_id, "loop", "this request already passed through this node"))
+            await framed.close()
+            return
+        outcome = await self._answer(framed, message, peer)
+        if outcome is not None:
+            with trio.move_on_after(2), trio.CancelScope(shield=True):
+                try:
+                    await framed.send(outcome)
+                except StreamBroken:
+                    pass
+        await framed.close()
+
+    async def _answer(self, framed: FramedStream, message: dict[str, Any], peer: str) -> dict[str, Any] | None:
+        """Stream the reply; returns a last frame still to send (an error), or None."""
+        request_id = message["id"]
+        cancelled_by_peer = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_for_cancel() -> None:
+                nonlocal cancelled_by_peer
+                # Anything after the request is a cancel, or the client closing / vanishing.
+                try:
+                    await framed.receive(timeout_s=math.inf)
+                except (StreamBroken, wire.WireError):
+                    pass
+                cancelled_by_peer = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_for_cancel)
+            try:
+                async with aclosing(self._serve(message, peer)) as replies:
+                    async for reply in replies:
+                        await framed.send(reply)
+            except StreamBroken:
+                cancelled_by_peer = True
+            nursery.cancel_scope.cancel()
+        if cancelled_by_peer:
+            return wire.error(request_id, "cancelled", "cancelled by the requesting peer")
+        return None
+
+    # ---- inference: asking -----------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_inference(self, peer: str, request: dict[str, Any]) -> AsyncIterator[FramedStream]:
+        """A stream carrying `request` to `peer`; read its replies with `receive()`.
+        Leaving the block early (cancellation, error) cancels the request at the peer."""
+        if self._host is None:
+            raise StreamBroken("the mesh is not running")
+        with trio.fail_after(10):
+            stream = await self._host.new_stream(ID.from_base58(peer), [TProtocol(wire.INFERENCE_PROTOCOL)])
+        framed = FramedStream(stream)
+        finished = False
+        try:
+            await framed.send(request)
+            yield framed
+            finished = True
+        finally:
+            if finished:
+                await framed.close()
+            else:
+                with trio.move_on_after(1), trio.CancelScope(shield=True):
+                    try:
+                        await framed.send(wire.cancel(request["id"]))
+                    except (StreamBroken, wire.WireError):
+                        pass
+                await framed.reset()
+
+    def status(self) -> dict[str, Any]:
+        now = trio.current_time()
+        return {
+            "peer_id": self.peer_id,
+            "addrs": self.addrs,
+            "adverts_sent": self.adverts_sent,
+            "peers": [
+                {
+                    "peer_id": p.peer_id,
+                    "addrs": p.addrs,
+                    "connected": p.connected,
+                    "rtt_ms": round(p.rtt_s * 1000, 2) if p.rtt_s is not None else None,
+                    "advert_age_s": round(now - p.advert_at, 1),
+                    "models": sorted({m.get("id", "") for m in p.advert.get("models", [])}),
+                    "load": p.advert.get("load", {}),
+                    "version": p.advert.get("version"),
+                }
+                for p in self.peers.values()
+            ],
+        }
+
+
+def _capabilities(advert: dict[str, Any]) -> Any:
+    """What, in an advert, changes the peer's backend (not its load)."""
+    return (advert.get("models"), advert.get("backend_types"), advert.get("hardware"))
+
+
+def _with_peer_id(address: str, peer_id: str) -> str:
+    return address if "/p2p/" in address else f"{address}/p2p/{peer_id}"
+
+
+def default_key_path() -> Path:
+    return Path("~/.config/p2p-node/identity.key").expanduser()
