@@ -41,6 +41,7 @@ from backends.strategies import (
 )
 from backends.types import (
     BackendStatus,
+    BackendType,
     EmbeddingRequest,
     EmbeddingResult,
     GenerationChunk,
@@ -172,9 +173,20 @@ class BackendManager:
     # ---- selection ------------------------------------------------------------------
 
     def select(
-        self, task: Task, model: str, exclude: frozenset[str] = frozenset(), min_context_window: int = 0
+        self,
+        task: Task,
+        model: str,
+        exclude: frozenset[str] = frozenset(),
+        min_context_window: int = 0,
+        allow_peers: bool = True,
     ) -> Backend:
-        serving = [b for b in self._backends.values() if b.id not in exclude and b.capabilities.serves(task, model)]
+        serving = [
+            b
+            for b in self._backends.values()
+            if b.id not in exclude
+            and b.capabilities.serves(task, model)
+            and (allow_peers or b.backend_type is not BackendType.P2P)
+        ]
         if min_context_window:
             # Unknown windows (0) may try: the backend will say if it's too small.
             serving = [
@@ -435,7 +447,8 @@ class BackendManager:
             if scope.cancelled_caught:
                 raise self._deadline_error(ctx)
         try:
-            backend = self.select(task, model, frozenset(tried), retry.min_context_window)
+            # A request that came from a peer is served here, never forwarded again: no loops.
+            backend = self.select(task, model, frozenset(tried), retry.min_context_window, allow_peers=not ctx.hops)
         except BackendUnavailableError:
             if retry.last_error is not None:
                 raise retry.last_error from None

@@ -107,6 +107,24 @@ class DiscoveryConfig(_Section):
     timeout: float = Field(default=1.0, gt=0)
 
 
+class MeshConfig(_Section):
+    """Joining the mesh of nodes over libp2p."""
+
+    enabled: bool = True
+    listen: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    bootstrap: list[str] = Field(default_factory=list)  # /ip4/…/tcp/…/p2p/<peer id> multiaddrs
+    mdns: bool = True
+    mdns_interfaces: list[str] = Field(default_factory=list)  # empty: every interface
+    identity_key: Path = Path("~/.config/p2p-node/identity.key")
+    secret: str | None = None  # a private mesh: nodes without it can't connect
+    allow_peers: list[str] = Field(default_factory=list)  # empty: any peer (with the secret, if set)
+
+    @field_validator("identity_key")
+    @classmethod
+    def _expand_key(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -117,6 +135,17 @@ class LoggingConfig(_Section):
         return value.strip() if isinstance(value, str) else value
 
 
+class McpConfig(_Section):
+    """MCP for agents: at /mcp over HTTP (this section) and on stdio (`p2p-node mcp`)."""
+
+    enabled: bool = True  # serve MCP at /mcp in the node's HTTP app
+    # DNS-rebinding protection: Host and Origin headers /mcp accepts besides loopback and
+    # server.host ("name", "name:port", "name:*"; "https://name" for origins). "*" in
+    # allowed_hosts turns both checks off, for a node behind a proxy that checks them.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    allowed_origins: list[str] = Field(default_factory=list)
+
+
 class NodeConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -125,12 +154,16 @@ class NodeConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    mcp: McpConfig = Field(default_factory=McpConfig)
     backends: list[BackendConfig] = Field(default_factory=list)
 
     def effective(self) -> dict[str, Any]:
         """What the node logs at start: every setting, as it will be used, secrets masked."""
         dumped = self.model_dump(mode="json")
         dumped["server"]["api_keys"] = ["***"] * len(dumped["server"]["api_keys"])
+        if dumped["mesh"]["secret"]:
+            dumped["mesh"]["secret"] = "***"
         for backend in dumped["backends"]:
             if backend.get("api_key"):
                 backend["api_key"] = "***"
@@ -194,6 +227,17 @@ _ENV: list[tuple[str, str, str, Any]] = [
     ("HEALTH_CHECK_TIMEOUT", "routing", "health_check_timeout", float),
     ("P2P_NODE_REQUEST_TIMEOUT", "routing", "request_timeout", float),
     ("P2P_NODE_DISCOVERY", "discovery", "enabled", _bool),
+    ("P2P_NODE_MESH", "mesh", "enabled", _bool),
+    ("P2P_NODE_MESH_LISTEN", "mesh", "listen", _csv),
+    ("LIBP2P_BOOTSTRAP_PEERS", "mesh", "bootstrap", _csv),
+    ("LIBP2P_ENABLE_MDNS", "mesh", "mdns", _bool),
+    ("P2P_NODE_MDNS_INTERFACES", "mesh", "mdns_interfaces", _csv),
+    ("P2P_NODE_IDENTITY_KEY", "mesh", "identity_key", str),
+    ("P2P_NODE_MESH_SECRET", "mesh", "secret", str),
+    ("P2P_NODE_ALLOW_PEERS", "mesh", "allow_peers", _csv),
+    ("P2P_NODE_MCP_ENABLED", "mcp", "enabled", _bool),
+    ("P2P_NODE_MCP_ALLOWED_HOSTS", "mcp", "allowed_hosts", _csv),
+    ("P2P_NODE_MCP_ALLOWED_ORIGINS", "mcp", "allowed_origins", _csv),
     ("P2P_NODE_MAX_ATTEMPTS", "routing", "max_attempts", int),
     ("P2P_NODE_FAILURE_THRESHOLD", "routing", "failure_threshold", int),
     ("P2P_NODE_EJECTION_COOLDOWN", "routing", "cooldown", float),

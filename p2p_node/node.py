@@ -30,7 +30,11 @@ from backends.types import BackendStatus, Task
 from p2p_node.api.app import ApiDependencies, create_app
 from p2p_node.api.auth import ApiKeys
 from p2p_node.backend_factory import build_backend, config_for_discovered
-from p2p_node.config import NodeConfig
+from p2p_node.config import ConfigError, NodeConfig
+from p2p_node.mcp_server.http import McpHttpSettings
+from p2p_node.mesh.host import MeshHost, MeshSettings
+from p2p_node.mesh.identity import IdentityError, load_or_create_identity
+from p2p_node.peering.service import Peering
 from p2p_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -101,6 +105,26 @@ class Node:
         self.manager.register(self.local)
         for backend_config in config.backends:
             self.manager.register(build_backend(backend_config))
+        self.peering = Peering(self.manager, self.version, sorted({self.local.device.split(":")[0]}))
+        self.mesh: MeshHost | None = None
+        if config.mesh.enabled:
+            try:
+                key_pair = load_or_create_identity(config.mesh.identity_key)
+            except IdentityError as exc:
+                raise ConfigError(str(exc)) from None
+            self.mesh = MeshHost(
+                MeshSettings(
+                    listen=list(config.mesh.listen),
+                    bootstrap=list(config.mesh.bootstrap),
+                    secret=config.mesh.secret,
+                    allow_peers=frozenset(config.mesh.allow_peers),
+                ),
+                key_pair,
+                self.peering.serve,
+                self.peering.local_advert,
+                self.peering.peers_changed,
+            )
+            self.node_id = self.mesh.peer_id
         self.app = create_app(
             ApiDependencies(
                 manager=self.manager,
@@ -112,6 +136,12 @@ class Node:
                 max_body_bytes=config.server.max_body_bytes,
                 version=self.version,
                 api_keys=ApiKeys(config.server.api_keys),
+                mcp=McpHttpSettings(
+                    enabled=config.mcp.enabled,
+                    allowed_hosts=tuple(config.mcp.allowed_hosts),
+                    allowed_origins=tuple(config.mcp.allowed_origins),
+                    bind_host=config.server.host,
+                ),
             )
         )
 
@@ -130,9 +160,7 @@ class Node:
         hconfig.errorlog = logging.getLogger("hypercorn.error")
         http_stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.manager.run)
-            if self.config.discovery.enabled:
-                await self._add_discovered_backends()
+            await self.start_backends(nursery)
             if handle_signals:
                 nursery.start_soon(self._watch_signals)
             async with trio.open_nursery() as http_nursery:
@@ -149,6 +177,17 @@ class Node:
                 http_stop.set()
             nursery.cancel_scope.cancel()
         log.info("node %s stopped", self.node_id)
+
+    async def start_backends(self, nursery: trio.Nursery) -> None:
+        """Starts the manager and its backends in `nursery`, then adds discovered servers.
+        `run` serves HTTP on top of them; `p2p-node mcp` serves MCP on stdio instead."""
+        await nursery.start(self.manager.run)
+        if self.config.discovery.enabled:
+            await self._add_discovered_backends()
+        if self.mesh is not None:
+            mesh_addrs = await nursery.start(self.mesh.run)
+            log.info("peer id %s, mesh listening on %s", self.mesh.peer_id, ", ".join(mesh_addrs))
+            nursery.start_soon(self.peering.keep_backends_in_sync, self.mesh)
 
     async def _add_discovered_backends(self) -> None:
         settings = self.config.discovery
@@ -200,7 +239,7 @@ class Node:
                 "http": self.addresses.http,
             },
             "manager": self.manager.status_report(),
-            "peers": [],
+            "mesh": self.peering.status(),
         }
 
     def inference_health(self) -> dict[str, Any]:

@@ -60,6 +60,10 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES and not k.startswith("P2P_NODE_")}
     env.update(OFFLINE_ENV)
     env["PYTHONPATH"] = str(REPO_ROOT)
+    # Test nodes meet only the peers a test introduces: loopback, no mDNS (the mDNS tests
+    # run in network namespaces and turn it back on).
+    env["LIBP2P_ENABLE_MDNS"] = "false"
+    env["P2P_NODE_MESH_LISTEN"] = "/ip4/127.0.0.1/tcp/0"
     env.update(extra or {})
     return env
 
@@ -77,12 +81,14 @@ def start_node(
     config_path = workdir / "node.toml"
     config_path.write_text(config_toml)
     log_path = workdir / "node.log"
+    # Each node its own identity (a shared key would make every test node the same peer).
+    node_vars = {"P2P_NODE_IDENTITY_KEY": str(workdir / "identity.key"), **(env or {})}
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "p2p_node", "start", "--config", str(config_path), "--port", str(port)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=node_env(env),
+            env=node_env(node_vars),
             cwd=workdir,
         )
     node = NodeProcess(f"http://127.0.0.1:{port}", process, log_path)

@@ -1,0 +1,104 @@
+"""Our request and result types ↔ the payloads of mesh frames (see docs/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backends.errors import (
+    BackendFailedError,
+    BackendUnavailableError,
+    ContextWindowExceededError,
+    DeadlineExceededError,
+    InferenceError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    ShuttingDownError,
+    UnsupportedTaskError,
+)
+from backends.types import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GenerationParams,
+    InferenceRequest,
+    Message,
+    RerankRequest,
+    Task,
+)
+
+_ERRORS: dict[str, type[InferenceError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequestError,
+        ContextWindowExceededError,
+        ModelNotFoundError,
+        UnsupportedTaskError,
+        OverloadedError,
+        BackendUnavailableError,
+        BackendFailedError,
+        DeadlineExceededError,
+        ShuttingDownError,
+    )
+}
+
+
+def request_payload(request: InferenceRequest) -> dict[str, Any]:
+    if isinstance(request, (ChatRequest, CompletionRequest)):
+        p = request.params
+        payload: dict[str, Any] = {
+            "params": {
+                "max_tokens": p.max_tokens,
+                "temperature": p.temperature,
+                "top_p": p.top_p,
+                "seed": p.seed,
+                "stop": list(p.stop),
+            }
+        }
+        if isinstance(request, ChatRequest):
+            payload["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        else:
+            payload["prompt"] = request.prompt
+        return payload
+    if isinstance(request, EmbeddingRequest):
+        return {"inputs": list(request.inputs)}
+    return {"query": request.query, "documents": list(request.documents), "top_n": request.top_n}
+
+
+def parse_request(task: str, model: str, payload: dict[str, Any]) -> InferenceRequest:
+    """A peer's request → ours. Raises InvalidRequestError on anything malformed."""
+    try:
+        parsed = Task.parse(task)
+        if parsed in (Task.CHAT, Task.COMPLETION):
+            raw = payload["params"]
+            stop = raw.get("stop") or []
+            params = GenerationParams(
+                max_tokens=int(raw["max_tokens"]),
+                temperature=float(raw.get("temperature", 1.0)),
+                top_p=float(raw.get("top_p", 1.0)),
+                seed=None if raw.get("seed") is None else int(raw["seed"]),
+                stop=tuple(str(s) for s in stop),
+            )
+            if parsed is Task.CHAT:
+                messages = tuple(Message(str(m["role"]), str(m["content"])) for m in payload["messages"])  # type: ignore[arg-type]
+                return ChatRequest(messages, model, params)
+            return CompletionRequest(str(payload["prompt"]), model, params)
+        if parsed is Task.EMBEDDING:
+            return EmbeddingRequest(tuple(str(t) for t in payload["inputs"]), model)
+        top_n = payload.get("top_n")
+        return RerankRequest(
+            str(payload["query"]),
+            tuple(str(d) for d in payload["documents"]),
+            model,
+            None if top_n is None else int(top_n),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"malformed {task} request from a peer: {exc!r}") from None
+
+
+def error_from_frame(frame: dict[str, Any], peer: str) -> InferenceError:
+    cls = _ERRORS.get(str(frame.get("code")), BackendFailedError)
+    message = f"peer {peer[:12]}…: {frame.get('message', '')}"
+    if cls is OverloadedError:
+        return OverloadedError(message)
+    return cls(message)

@@ -1,0 +1,92 @@
+"""Separate node processes on loopback joined through a bootstrap address: a request to
+one node for a model only the other serves is answered, streamed, as if it were local."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import TINY_CONFIG, NodeProcess, start_node
+
+TINY = "tiny-random-llama"
+NO_LOCAL_CHAT = """
+[models]
+chat = {}
+default_chat = "tiny-random-llama"
+preload = ["all-MiniLM-L6-v2"]
+"""
+MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+def mesh_status(node: NodeProcess) -> dict:  # type: ignore[type-arg]
+    return httpx.get(node.url + "/status", timeout=10).json()["mesh"]
+
+
+def wait_for(predicate: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    node = start_node(tmp_path_factory.mktemp("server"), TINY_CONFIG)
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
+def asker(tmp_path_factory: pytest.TempPathFactory, server: NodeProcess) -> Iterator[NodeProcess]:
+    bootstrap = mesh_status(server)["addrs"][0]
+    node = start_node(tmp_path_factory.mktemp("asker"), NO_LOCAL_CHAT, env={"LIBP2P_BOOTSTRAP_PEERS": bootstrap})
+    wait_for(lambda: any(p["models"] for p in mesh_status(node)["peers"]))
+    yield node
+    node.stop()
+
+
+def ask(node: NodeProcess, **extra: object) -> httpx.Response:
+    body = {"model": TINY, "messages": MESSAGES, "max_tokens": 16, "temperature": 0, **extra}
+    return httpx.post(node.url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def test_each_node_sees_the_other_with_its_models_and_rtt(server: NodeProcess, asker: NodeProcess) -> None:
+    server_id = mesh_status(server)["peer_id"]
+    peers = {p["peer_id"]: p for p in mesh_status(asker)["peers"]}
+    assert TINY in peers[server_id]["models"]
+    wait_for(lambda: {p["peer_id"]: p for p in mesh_status(asker)["peers"]}[server_id]["rtt_ms"] is not None)
+    asker_id = mesh_status(asker)["peer_id"]
+    wait_for(lambda: asker_id in {p["peer_id"] for p in mesh_status(server)["peers"]})
+    # The server's advert lists only what it serves itself.
+    assert "all-MiniLM-L6-v2" in {p["peer_id"]: p for p in mesh_status(server)["peers"]}[asker_id]["models"]
+
+
+def test_a_model_only_the_peer_serves_is_answered_through_the_mesh(server: NodeProcess, asker: NodeProcess) -> None:
+    through = ask(asker)
+    assert through.status_code == 200, through.text
+    assert through.headers["x-backend-id"] == "peer:" + mesh_status(server)["peer_id"]
+    direct = ask(server).json()
+    assert through.json()["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+    assert through.json()["usage"] == direct["usage"]
+
+
+def test_streaming_through_the_mesh_arrives_token_by_token(server: NodeProcess, asker: NodeProcess) -> None:
+    client = openai.OpenAI(base_url=asker.url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=16, temperature=0, stream=True)  # type: ignore[arg-type]
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len([p for p in pieces if p]) > 3
+    assert "".join(pieces) == ask(server).json()["choices"][0]["message"]["content"]
+
+
+def test_embeddings_can_be_served_by_either(server: NodeProcess, asker: NodeProcess) -> None:
+    response = httpx.post(asker.url + "/v1/embeddings", json={"input": ["a", "b"]}, timeout=60)
+    assert response.status_code == 200
+    assert len(response.json()["data"]) == 2
+
+
+def test_unknown_model_anywhere_is_still_a_404(asker: NodeProcess) -> None:
+    assert ask(asker, model="nowhere-model").status_code == 404
