@@ -32,8 +32,9 @@ from p2p_node.api.auth import ApiKeys
 from p2p_node.backend_factory import build_backend, config_for_discovered
 from p2p_node.config import ConfigError, NodeConfig
 from p2p_node.mcp_server.http import McpHttpSettings
-from p2p_node.mesh.host import MeshHost, MeshSettings
+from p2p_node.mesh.host import MeshHost, MeshSettings, tcp_port
 from p2p_node.mesh.identity import IdentityError, load_or_create_identity
+from p2p_node.mesh.mdns import MdnsDiscovery
 from p2p_node.peering.service import Peering
 from p2p_node.telemetry import Telemetry
 
@@ -188,6 +189,20 @@ class Node:
             mesh_addrs = await nursery.start(self.mesh.run)
             log.info("peer id %s, mesh listening on %s", self.mesh.peer_id, ", ".join(mesh_addrs))
             nursery.start_soon(self.peering.keep_backends_in_sync, self.mesh)
+            if self.config.mesh.mdns:
+                nursery.start_soon(self._run_mdns, self.mesh)
+
+    async def _run_mdns(self, mesh: MeshHost) -> None:
+        discovery = MdnsDiscovery(
+            mesh.peer_id,
+            tcp_port(mesh.addrs),
+            lambda addrs: mesh.connect(addrs[0]),
+            list(self.config.mesh.mdns_interfaces),
+        )
+        try:
+            await discovery.run()
+        except Exception as exc:  # no multicast here: the node still works with bootstrap peers
+            log.warning("mDNS discovery is off: %s", exc)
 
     async def _add_discovered_backends(self) -> None:
         settings = self.config.discovery

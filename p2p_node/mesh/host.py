@@ -37,6 +37,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from p2p_node.mesh import wire
 from p2p_node.mesh.framed import FramedStream, StreamBroken
 from p2p_node.mesh.identity import peer_id_of
+from p2p_node.mesh.mdns import interface_addresses
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,9 @@ class MeshHost:
         listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
         async with self._host.run(listen_addrs=listen), trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.addrs = [_with_peer_id(str(a), self.peer_id) for a in self._host.get_addrs()]
+            self.addrs = _dialable(
+                [_with_peer_id(str(a), self.peer_id) for a in self._host.get_addrs()], interface_addresses()
+            )
             for address in self.settings.bootstrap:
                 self.connect(address)
             nursery.start_soon(self._forget_silent_peers)
@@ -365,6 +368,26 @@ class MeshHost:
 def _capabilities(advert: dict[str, Any]) -> Any:
     """What, in an advert, changes the peer's backend (not its load)."""
     return (advert.get("models"), advert.get("backend_types"), advert.get("hardware"))
+
+
+def _dialable(addrs: list[str], local_ips: list[str]) -> list[str]:
+    """A wildcard listen address (0.0.0.0) means every interface: say which, so that the
+    addresses we show and advertise can be dialed."""
+    out: list[str] = []
+    for addr in addrs:
+        if addr.startswith("/ip4/0.0.0.0/"):
+            out += [addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in [*local_ips, "127.0.0.1"]]
+        else:
+            out.append(addr)
+    return out
+
+
+def tcp_port(addrs: list[str]) -> int:
+    for addr in addrs:
+        parts = addr.split("/")
+        if "tcp" in parts:
+            return int(parts[parts.index("tcp") + 1])
+    raise ValueError(f"no TCP address among {addrs}")
 
 
 def _with_peer_id(address: str, peer_id: str) -> str:
