@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import trio
@@ -30,6 +30,7 @@ from backends.errors import (
     OverloadedError,
     ShuttingDownError,
 )
+from backends.failover import AnswerSoFar, may_fail_over
 from backends.metrics import RequestObserver
 from backends.resilience import CircuitBreaker, backoff_s, is_backend_fault, may_retry
 from backends.strategies import (
@@ -179,6 +180,7 @@ class BackendManager:
         exclude: frozenset[str] = frozenset(),
         min_context_window: int = 0,
         allow_peers: bool = True,
+        need_continuation: bool = False,
     ) -> Backend:
         serving = [
             b
@@ -186,6 +188,7 @@ class BackendManager:
             if b.id not in exclude
             and b.capabilities.serves(task, model)
             and (allow_peers or b.backend_type is not BackendType.P2P)
+            and (b.capabilities.continuation or not need_continuation)
         ]
         if min_context_window:
             # Unknown windows (0) may try: the backend will say if it's too small.
@@ -310,10 +313,14 @@ class BackendManager:
         """Yields chunks of the answer. Callers must close it (`aclosing`)."""
         self._admit(ctx)
         task = request.task
+        original = request
+        shown = AnswerSoFar()
         tried: set[str] = set()
         retry = _RetryState()
         while True:
-            backend = await self._select_for_attempt(task, request.model, tried, retry, ctx)
+            backend = await self._select_for_attempt(
+                task, request.model, tried, retry, ctx, need_continuation=shown.handed_over
+            )
             emitted = False
             started = time.monotonic()
             last_token_at = started
@@ -334,6 +341,8 @@ class BackendManager:
                         if chunk.usage is not None:
                             usage_prompt = chunk.usage.prompt_tokens
                             usage_completion = chunk.usage.completion_tokens
+                            chunk = replace(chunk, usage=shown.merged(chunk.usage))
+                        shown.add(chunk)
                         yield chunk
                 self._record_throughput(backend, request.model, usage_completion, started, last_token_at)
                 return
@@ -342,6 +351,20 @@ class BackendManager:
                 if self._may_retry(exc, emitted, len(tried)):
                     retry.failed(exc, _context_window(backend, task, request.model))
                     log.warning("backend %s failed before output (%s); retrying elsewhere", backend.id, exc)
+                    continue
+                if emitted and may_fail_over(exc, attempts=len(tried), max_attempts=self.settings.max_attempts):
+                    continued = shown.continued(original)
+                    if continued is None:
+                        yield shown.final_chunk()
+                        return
+                    request = continued
+                    retry.failed(exc, 0)
+                    log.warning(
+                        "backend %s broke after %d tokens (%s); continuing the answer elsewhere",
+                        backend.id,
+                        shown.tokens,
+                        exc,
+                    )
                     continue
                 raise
             finally:
@@ -437,7 +460,13 @@ class BackendManager:
         return may_retry(exc, emitted=emitted, attempts=attempts, max_attempts=self.settings.max_attempts)
 
     async def _select_for_attempt(
-        self, task: Task, model: str, tried: set[str], retry: _RetryState, ctx: RequestContext
+        self,
+        task: Task,
+        model: str,
+        tried: set[str],
+        retry: _RetryState,
+        ctx: RequestContext,
+        need_continuation: bool = False,
     ) -> Backend:
         """The backend for the next attempt. A retry waits a jittered backoff (within the
         deadline) and, if no other backend can take it, re-raises the failure it retries."""
@@ -448,7 +477,14 @@ class BackendManager:
                 raise self._deadline_error(ctx)
         try:
             # A request that came from a peer is served here, never forwarded again: no loops.
-            backend = self.select(task, model, frozenset(tried), retry.min_context_window, allow_peers=not ctx.hops)
+            backend = self.select(
+                task,
+                model,
+                frozenset(tried),
+                retry.min_context_window,
+                allow_peers=not ctx.hops,
+                need_continuation=need_continuation,
+            )
         except BackendUnavailableError:
             if retry.last_error is not None:
                 raise retry.last_error from None

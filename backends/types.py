@@ -101,6 +101,8 @@ class Capabilities:
     hardware: frozenset[str] = frozenset()
     protocols: frozenset[str] = frozenset()
     context_window: int | None = None
+    # Can take over an answer another backend began (a Continuation): failover target.
+    continuation: bool = False
 
     def serves(self, task: Task, model: str) -> bool:
         return any(card.id == model and card.task == task for card in self.models)
@@ -128,11 +130,26 @@ class GenerationParams:
 
 
 @dataclass(frozen=True)
+class Continuation:
+    """An answer already begun elsewhere (failover): generation continues after it.
+
+    `token_ids` are the tokens behind `text` when the first backend reported them; a
+    backend serving the same model appends them to the prompt as they are, so greedy
+    decoding continues exactly where the other one stopped. Without them, `text` is
+    appended and re-tokenized.
+    """
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     messages: tuple[Message, ...]
     model: str
     params: GenerationParams
     task: Literal[Task.CHAT] = Task.CHAT
+    continuation: Continuation | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,7 @@ class CompletionRequest:
     model: str
     params: GenerationParams
     task: Literal[Task.COMPLETION] = Task.COMPLETION
+    continuation: Continuation | None = None
 
 
 GenerationRequest = ChatRequest | CompletionRequest
@@ -185,6 +203,7 @@ class GenerationChunk:
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    token_ids: tuple[int, ...] = ()  # the tokens behind `text`, where the backend knows them
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class TokenDelta:
 
     text: str
     completion_tokens: int  # tokens generated so far
+    token_ids: tuple[int, ...] = ()  # the tokens behind `text` (held-back text's tokens come with it)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class _Request:
         self.admitted = False  # holds (or is about to hold) a batch slot
         self.emit_failed = False
         self.completion_tokens = 0
+        self.unshown_ids: list[int] = []
         self.detok = IncrementalDetokenizer(decode, prompt_ids)
         self.stopper = StopMatcher(params.stop)
         # The context window caps the whole sequence: prompt plus completion.
@@ -543,9 +545,10 @@ class GenerationEngine:
             self._drain(request)
             self._finish(request, "stop")
             return False
+        request.unshown_ids.append(token)
         text, stopped = request.stopper.push(request.detok.push(token))
         if text:
-            self._emit(request, TokenDelta(text, request.completion_tokens))
+            self._emit(request, TokenDelta(text, request.completion_tokens, self._take_ids(request)))
         if stopped:
             self._finish(request, "stop")
             return False
@@ -560,8 +563,14 @@ class GenerationEngine:
         if not stopped:
             text += request.stopper.flush()
         if text:
-            self._emit(request, TokenDelta(text, request.completion_tokens))
+            self._emit(request, TokenDelta(text, request.completion_tokens, self._take_ids(request)))
         return stopped
+
+    @staticmethod
+    def _take_ids(request: _Request) -> tuple[int, ...]:
+        ids = tuple(request.unshown_ids)
+        request.unshown_ids.clear()
+        return ids
 
     def _fail_batch(self, exc: BaseException) -> None:
         batch, self._batch = self._batch, None

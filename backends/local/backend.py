@@ -188,6 +188,7 @@ class LocalBackend(Backend):
             hardware=frozenset({self.device}),
             protocols=frozenset({"in-process"}),
             context_window=max(windows) if windows else None,
+            continuation=True,
         )
 
     def queue_size(self) -> int:
@@ -412,7 +413,7 @@ class LocalBackend(Backend):
                     if isinstance(event, Finished):
                         yield self._final_chunk(event)
                         return
-                    yield GenerationChunk(text=event.text)
+                    yield GenerationChunk(text=event.text, token_ids=event.token_ids)
         finally:
             handle.cancel()
 
@@ -436,9 +437,15 @@ class LocalBackend(Backend):
                 ) from exc
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            ids = tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+            text = request.prompt
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
+        continuation = request.continuation
+        if continuation is not None:
+            if continuation.token_ids:
+                return [*ids, *continuation.token_ids]
+            return list(tokenizer(text + continuation.text, add_special_tokens=False)["input_ids"])
         return list(ids)
 
     async def embed(self, request: EmbeddingRequest, ctx: RequestContext) -> EmbeddingResult:

@@ -138,8 +138,11 @@ def request(
     return message
 
 
-def chunk(request_id: str, text: str) -> dict[str, Any]:
-    return {"t": CHUNK, "id": request_id, "text": text}
+def chunk(request_id: str, text: str, token_ids: list[int] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"t": CHUNK, "id": request_id, "text": text}
+    if token_ids:
+        message["ids"] = token_ids  # lets a failover target continue the answer exactly
+    return message
 
 
 def done(request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

@@ -82,6 +82,7 @@ class PeerBackend(Backend):
             streaming=True,
             hardware=frozenset(str(h) for h in self.advert.get("hardware", [])),
             protocols=frozenset({wire.INFERENCE_PROTOCOL}),
+            continuation=True,
         )
 
     def queue_size(self) -> int:
@@ -115,7 +116,9 @@ class PeerBackend(Backend):
                         raise BackendFailedError(f"peer {self.peer_id[:12]}… ended the stream before finishing")
                     kind = frame["t"]
                     if kind == wire.CHUNK:
-                        yield GenerationChunk(frame["text"])
+                        ids = frame.get("ids")
+                        token_ids = tuple(int(i) for i in ids) if isinstance(ids, list) else ()
+                        yield GenerationChunk(frame["text"], token_ids=token_ids)
                     elif kind == wire.DONE:
                         usage = frame["usage"]
                         reason: FinishReason = "length" if frame["finish_reason"] == "length" else "stop"

@@ -75,7 +75,7 @@ class Peering:
                 async with aclosing(self.manager.stream(request, ctx)) as chunks:
                     async for chunk in chunks:
                         if chunk.text:
-                            yield wire.chunk(request_id, chunk.text)
+                            yield wire.chunk(request_id, chunk.text, list(chunk.token_ids))
                         if chunk.finish_reason is not None:
                             usage = chunk.usage
                             yield wire.done(

@@ -19,6 +19,7 @@ from backends.errors import (
 from backends.types import (
     ChatRequest,
     CompletionRequest,
+    Continuation,
     EmbeddingRequest,
     GenerationParams,
     InferenceRequest,
@@ -59,6 +60,11 @@ def request_payload(request: InferenceRequest) -> dict[str, Any]:
             payload["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         else:
             payload["prompt"] = request.prompt
+        if request.continuation is not None:
+            payload["continuation"] = {
+                "text": request.continuation.text,
+                "ids": list(request.continuation.token_ids),
+            }
         return payload
     if isinstance(request, EmbeddingRequest):
         return {"inputs": list(request.inputs)}
@@ -79,10 +85,15 @@ def parse_request(task: str, model: str, payload: dict[str, Any]) -> InferenceRe
                 seed=None if raw.get("seed") is None else int(raw["seed"]),
                 stop=tuple(str(s) for s in stop),
             )
+            raw_continuation = payload.get("continuation")
+            continuation = None
+            if raw_continuation is not None:
+                ids = tuple(int(i) for i in raw_continuation.get("ids", []))
+                continuation = Continuation(str(raw_continuation["text"]), ids)
             if parsed is Task.CHAT:
                 messages = tuple(Message(str(m["role"]), str(m["content"])) for m in payload["messages"])  # type: ignore[arg-type]
-                return ChatRequest(messages, model, params)
-            return CompletionRequest(str(payload["prompt"]), model, params)
+                return ChatRequest(messages, model, params, continuation=continuation)
+            return CompletionRequest(str(payload["prompt"]), model, params, continuation=continuation)
         if parsed is Task.EMBEDDING:
             return EmbeddingRequest(tuple(str(t) for t in payload["inputs"]), model)
         top_n = payload.get("top_n")

@@ -90,3 +90,41 @@ def test_embeddings_can_be_served_by_either(server: NodeProcess, asker: NodeProc
 
 def test_unknown_model_anywhere_is_still_a_404(asker: NodeProcess) -> None:
     assert ask(asker, model="nowhere-model").status_code == 404
+
+
+def test_peer_death_mid_stream_resumes_on_next_peer(tmp_path_factory: pytest.TempPathFactory) -> None:
+    import json
+    import signal
+
+    first = start_node(tmp_path_factory.mktemp("first"), TINY_CONFIG)
+    second = start_node(tmp_path_factory.mktemp("second"), TINY_CONFIG)
+    peers = {mesh_status(n)["peer_id"]: n for n in (first, second)}
+    bootstrap = ",".join(mesh_status(n)["addrs"][0] for n in (first, second))
+    asker = start_node(tmp_path_factory.mktemp("asker2"), NO_LOCAL_CHAT, env={"LIBP2P_BOOTSTRAP_PEERS": bootstrap})
+    try:
+        wait_for(lambda: len([p for p in mesh_status(asker)["peers"] if p["models"]]) == 2)
+        body = {"model": TINY, "messages": MESSAGES, "max_tokens": 400, "temperature": 0, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        texts: list[str] = []
+        with httpx.stream("POST", asker.url + "/v1/chat/completions", json=body, timeout=120) as response:
+            victim = peers[response.headers["x-backend-id"].removeprefix("peer:")]
+            survivor = second if victim is first else first
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: ") :])
+                assert "error" not in event, event
+                if event["choices"] and event["choices"][0]["delta"].get("content"):
+                    texts.append(event["choices"][0]["delta"]["content"])
+                    if len(texts) == 20:
+                        victim.stop(signal.SIGKILL)
+                if event.get("usage"):
+                    usage = event["usage"]
+        assert victim.process.poll() is not None and len(texts) > 20
+        # Greedy decoding, same weights: the survivor continued exactly where the victim stopped.
+        direct = ask(survivor, max_tokens=400).json()
+        assert "".join(texts) == direct["choices"][0]["message"]["content"]
+        assert usage["completion_tokens"] == direct["usage"]["completion_tokens"]
+    finally:
+        for node in (asker, first, second):
+            node.stop()
