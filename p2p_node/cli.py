@@ -34,13 +34,35 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     start = sub.add_parser("start", help="start a node", description="Start a node and serve until SIGTERM/SIGINT.")
-    start.add_argument("--config", type=Path, help="TOML config file (default: $P2P_NODE_CONFIG)")
-    start.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    start.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one)")
-    start.add_argument("--preload", help="comma-separated models to load at start ('' for none)")
-    start.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    start.add_argument("--log-format", choices=["text", "json"])
-    start.set_defaults(handler=_start)
+    join = sub.add_parser(
+        "join",
+        help="start a node that joins a mesh through a known peer",
+        description="Start a node, as `start` does, bootstrapping into the mesh through PEER.",
+    )
+    join.add_argument("peer", help="a peer's multiaddr, e.g. /ip4/10.0.0.5/tcp/4001/p2p/12D3KooW...")
+    for command in (start, join):
+        command.add_argument("--config", type=Path, help="TOML config file (default: $P2P_NODE_CONFIG)")
+        command.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+        command.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one)")
+        command.add_argument("--preload", help="comma-separated models to load at start ('' for none)")
+        command.add_argument(
+            "--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a peer to join through (repeatable)"
+        )
+        command.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        command.add_argument("--log-format", choices=["text", "json"])
+        command.set_defaults(handler=_start)
+
+    mcp_cmd = sub.add_parser(
+        "mcp",
+        help="serve MCP on stdin/stdout, for agent hosts that launch servers",
+        description="Run a node in this process (no HTTP) and serve its MCP tools on stdin/stdout "
+        "until stdin closes. Logs go to stderr. To use a running node, connect to its /mcp URL instead.",
+    )
+    mcp_cmd.add_argument("--config", type=Path, help="TOML config file (default: $P2P_NODE_CONFIG)")
+    mcp_cmd.add_argument("--preload", help="comma-separated models to load at start ('' for none)")
+    mcp_cmd.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    mcp_cmd.add_argument("--log-format", choices=["text", "json"])
+    mcp_cmd.set_defaults(handler=_mcp)
 
     prepare = sub.add_parser(
         "prepare-models",
@@ -75,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
 
     status = client("status", "show a node's status report")
     status.set_defaults(handler=_status)
+
+    peers = client("peers", "list the mesh peers a node knows: id, addresses, models, load, round trip")
+    peers.add_argument("--json", action="store_true", help="print the raw list")
+    peers.set_defaults(handler=_peers)
     return parser
 
 
@@ -98,6 +124,8 @@ def _start(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"p2p-node: {exc}", file=sys.stderr)
         return 2
+    extra_peers = [*args.bootstrap, *([args.peer] if getattr(args, "peer", None) else [])]
+    config.mesh.bootstrap = [*config.mesh.bootstrap, *extra_peers]
     configure_logging(config.logging.level, config.logging.format)
     _quiet_model_libraries()
     from p2p_node.node import Node
@@ -119,6 +147,39 @@ def _start(args: argparse.Namespace) -> int:
         if match is None or rest is not None:
             raise
         return _cannot_serve(config.server.host, config.server.port, _first_leaf(match))
+    return 0
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    import trio
+
+    from p2p_node.config import ConfigError, load_config
+    from p2p_node.logs import configure_logging
+    from p2p_node.mcp_server.stdio import StdioWire, serve_stdio
+
+    # stdin and stdout carry the protocol: from here on nothing else reads or writes them.
+    wire = StdioWire.claim()
+    overrides: dict[str, dict[str, Any]] = {"logging": {"level": args.log_level, "format": args.log_format}}
+    if args.preload is not None:
+        overrides["models"] = {"preload": [m.strip() for m in args.preload.split(",") if m.strip()]}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"p2p-node: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.logging.level, config.logging.format)
+    _quiet_model_libraries()
+    config.mcp.enabled = False  # that is MCP over HTTP, which this process does not serve
+    from p2p_node.node import Node
+
+    log = logging.getLogger("p2p_node")
+    log.info("effective configuration: %s", json.dumps(config.effective(), sort_keys=True))
+    try:
+        node = Node(config)
+    except ConfigError as exc:
+        print(f"p2p-node: {exc}", file=sys.stderr)
+        return 2
+    trio.run(serve_stdio, node, wire)
     return 0
 
 
@@ -238,6 +299,27 @@ def _models(args: argparse.Namespace) -> int:
         state = "loaded" if model.get("loaded") else "available"
         alias = f" -> {model['alias_of']}" if model.get("alias_of") else ""
         print(f"{model['id']:<28} {tasks:<22} {state}{alias}")
+    return 0
+
+
+def _peers(args: argparse.Namespace) -> int:
+    mesh = _request(args, "GET", "/status").get("mesh", {})
+    peers = mesh.get("peers", [])
+    if args.json:
+        print(json.dumps(peers, indent=2))
+        return 0
+    print(f"this node: {mesh.get('peer_id', '(mesh off)')}")
+    if not peers:
+        print("no peers")
+    for peer in peers:
+        load = peer.get("load", {})
+        rtt = f"{peer['rtt_ms']:.1f} ms" if peer.get("rtt_ms") is not None else "-"
+        state = "connected" if peer.get("connected") else "reconnecting"
+        busy = f"in flight {load.get('in_flight', 0)}  queued {load.get('queued', 0)}"
+        print(f"{peer['peer_id']}  {state}  rtt {rtt}  {busy}")
+        print(f"    models: {', '.join(peer.get('models', [])) or '-'}")
+        for addr in peer.get("addrs", [])[:3]:
+            print(f"    {addr}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -92,6 +93,7 @@ def test_unknown_model_anywhere_is_still_a_404(asker: NodeProcess) -> None:
     assert ask(asker, model="nowhere-model").status_code == 404
 
 
+@pytest.mark.slow
 def test_peer_death_mid_stream_resumes_on_next_peer(tmp_path_factory: pytest.TempPathFactory) -> None:
     import json
     import signal
@@ -128,3 +130,48 @@ def test_peer_death_mid_stream_resumes_on_next_peer(tmp_path_factory: pytest.Tem
     finally:
         for node in (asker, first, second):
             node.stop()
+
+
+def test_peers_command_lists_the_peer_with_models_and_rtt(server: NodeProcess, asker: NodeProcess) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import node_env
+
+    server_id = mesh_status(server)["peer_id"]
+    wait_for(lambda: {p["peer_id"]: p for p in mesh_status(asker)["peers"]}[server_id]["rtt_ms"] is not None)
+    result = subprocess.run(
+        [sys.executable, "-m", "p2p_node", "peers", "--url", asker.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=node_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert server_id in result.stdout and "connected" in result.stdout and TINY in result.stdout
+    assert "ms" in result.stdout
+
+
+def test_join_bootstraps_through_the_given_peer(tmp_path: Path, server: NodeProcess) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port, node_env
+
+    port = free_port()
+    command = [sys.executable, "-m", "p2p_node", "join", mesh_status(server)["addrs"][0], "--port", str(port)]
+    env = node_env({"P2P_NODE_IDENTITY_KEY": str(tmp_path / "key"), "P2P_NODE_PRELOAD": ""})
+    process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        joined = NodeProcess(f"http://127.0.0.1:{port}", process, tmp_path / "none.log")
+
+        def sees_server() -> bool:
+            try:
+                return any(p["models"] for p in mesh_status(joined)["peers"])
+            except httpx.HTTPError:
+                return False
+
+        wait_for(sees_server, timeout=60)
+    finally:
+        process.terminate()
+        process.wait(30)
