@@ -153,3 +153,20 @@ class _StatusCollector(Collector):
         pending = GaugeMetricFamily(f"{PREFIX}pending_requests", "Requests held by the node")
         pending.add_metric([], manager.get("pending_requests", 0))
         yield from (running, waiting, healthy, loaded, passes, rows, max_batch, pending)
+        yield from _mesh_metrics(report.get("mesh", {}))
+
+
+def _mesh_metrics(mesh: dict[str, Any]) -> Iterator[Any]:
+    if "peer_id" not in mesh:
+        return
+    peers = GaugeMetricFamily(f"{PREFIX}mesh_peers", "Peers known to the mesh", labels=["state"])
+    connected = sum(1 for p in mesh.get("peers", []) if p.get("connected"))
+    peers.add_metric(["connected"], connected)
+    peers.add_metric(["reconnecting"], len(mesh.get("peers", [])) - connected)
+    rtt = GaugeMetricFamily(f"{PREFIX}mesh_peer_rtt_seconds", "Smoothed round trip to a peer", labels=["peer"])
+    for peer in mesh.get("peers", []):
+        if peer.get("rtt_ms") is not None:
+            rtt.add_metric([peer["peer_id"]], peer["rtt_ms"] / 1000.0)
+    adverts = CounterMetricFamily(f"{PREFIX}mesh_adverts_sent", "Capability adverts this node has sent")
+    adverts.add_metric([], mesh.get("adverts_sent", 0))
+    yield from (peers, rtt, adverts)

@@ -175,3 +175,9 @@ def test_join_bootstraps_through_the_given_peer(tmp_path: Path, server: NodeProc
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_peers_appear_in_metrics(server: NodeProcess, asker: NodeProcess) -> None:
+    text = httpx.get(asker.url + "/metrics", timeout=10).text
+    assert 'p2p_node:mesh_peers{state="connected"} 1.0' in text
+    assert "p2p_node:mesh_adverts_sent_total" in text
