@@ -36,8 +36,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import TINY_CONFIG, NodeProcess, start_node  # noqa: E402
-from tests.p2p_node import netns  # noqa: E402
+import itertools
+
+from tests.conftest import TINY_CONFIG, NodeProcess, start_node
+from tests.p2p_node import netns
 
 TINY = "tiny-random-llama"
 NO_LOCAL_CHAT = '[models]\nchat = {}\ndefault_chat = "tiny-random-llama"\npreload = []\n'
@@ -127,7 +129,7 @@ def failover_gap(workdir: Path, max_tokens: int) -> None:
                     if len(arrivals) == 20:
                         killed_at = time.perf_counter()
                         victim.process.send_signal(signal.SIGKILL)
-        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         after_kill = [b for b in arrivals if b > killed_at]
         gap = (after_kill[0] - killed_at) if after_kill else float("nan")
         print(f"\n### Failover gap (serving peer SIGKILLed after 20 of {max_tokens} tokens)\n")
@@ -158,7 +160,7 @@ def discovery(workdir: Path, sizes: list[int]) -> None:
                         seen_at[i] = time.monotonic() - ready_at
                 time.sleep(0.05)
             delays = sorted(seen_at.values()) + [float("inf")] * (size - len(seen_at))
-            p95 = delays[min(len(delays) - 1, int(round(0.95 * (len(delays) - 1))))]
+            p95 = delays[min(len(delays) - 1, round(0.95 * (len(delays) - 1)))]
             print(f"| {size} | {statistics.median(delays):.2f} | {p95:.2f} |")
 
 
