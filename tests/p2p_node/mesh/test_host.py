@@ -182,3 +182,17 @@ async def test_without_the_mesh_secret_a_node_cannot_connect(nursery: trio.Nurse
     await trio.sleep(1.0)
     assert outsider.peer_id not in a.peers
     assert a.peer_id not in outsider.peers or not outsider.peers[a.peer_id].advert
+
+
+@pytest.mark.slow
+async def test_a_peer_that_never_reads_cannot_wedge_the_server(nursery: trio.Nursery) -> None:
+    served = Served()
+    a = await start_host(nursery, served)
+    b = await start_host(nursery, bootstrap=[a.addrs[0]])
+    await wait_until(lambda: a.peer_id in b.peers and b.peers[a.peer_id].advert)
+    huge = " ".join(["word"] * 20_000)  # ~600 kB of frames: more than a Yamux window (256 kB)
+    request = wire.request("stuck", "completion", "m", {"prompt": huge}, [b.peer_id])
+    async with b.open_inference(a.peer_id, request):
+        # Never read: the server's writes stall; its write timeout must end the request.
+        await wait_until(lambda: served.closed == 1, timeout=40)
+    assert (await collect(b, a.peer_id, "still serving", "after"))[-1]["t"] == wire.DONE
