@@ -40,11 +40,12 @@ def peer_ids(node: netns.NetnsNode, with_models: bool = True) -> set[str]:
 
 @pytest.fixture(scope="module")
 def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[netns.NetnsNode]]:
-    with netns.bridge_with_hosts(3) as hosts:
+    with netns.bridge_with_hosts(4) as hosts:
         base = tmp_path_factory.mktemp("lan")
         server = netns.start_node_in(hosts[0], base / "a", TINY_CONFIG)
-        others = [netns.start_node_in(h, base / h.name, NO_LOCAL_CHAT) for h in hosts[1:]]
-        yield [server, *others]
+        others = [netns.start_node_in(h, base / h.name, NO_LOCAL_CHAT) for h in hosts[1:3]]
+        spare = netns.start_node_in(hosts[3], base / "spare", TINY_CONFIG)
+        yield [server, *others, spare]
 
 
 def test_nodes_find_each_other_by_mdns_without_configuration(lan: list[netns.NetnsNode]) -> None:
@@ -60,7 +61,8 @@ def test_a_model_only_another_host_serves_is_streamed_from_it(lan: list[netns.Ne
     body = {"model": TINY, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "temperature": 0}
     with httpx.stream("POST", asker.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
         assert r.status_code == 200
-        assert r.headers["x-backend-id"] == f"peer:{server_id}"
+        serving_ids = {f"peer:{server_id}", f"peer:{lan[3].mesh()['peer_id']}"}
+        assert r.headers["x-backend-id"] in serving_ids
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) > 3
     direct = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
@@ -80,3 +82,27 @@ def test_a_partitioned_host_is_forgotten_and_found_again_when_healed(lan: list[n
     wait_for(lambda: server_id in peer_ids(cut) and cut_id in peer_ids(server, with_models=False), timeout=60)
     body = {"model": TINY, "messages": [{"role": "user", "content": "back?"}], "max_tokens": 4}
     assert httpx.post(cut.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_a_host_killed_mid_stream_is_replaced_and_the_answer_completes(lan: list[netns.NetnsNode]) -> None:
+    import json
+
+    asker = lan[1]
+    servers = {node.mesh()["peer_id"]: node for node in (lan[0], lan[3])}
+    wait_for(lambda: set(servers) <= peer_ids(asker))
+    body = {"model": TINY, "messages": [{"role": "user", "content": "a long story"}], "max_tokens": 400}
+    body.update(temperature=0, stream=True)
+    texts: list[str] = []
+    with httpx.stream("POST", asker.url + "/v1/chat/completions", json=body, timeout=120) as response:
+        victim = servers.pop(response.headers["x-backend-id"].removeprefix("peer:"))
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                if event["choices"] and event["choices"][0]["delta"].get("content"):
+                    texts.append(event["choices"][0]["delta"]["content"])
+                    if len(texts) == 20:
+                        victim.kill()
+    (survivor,) = servers.values()
+    direct = httpx.post(survivor.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60).json()
+    assert "".join(texts) == direct["choices"][0]["message"]["content"]
