@@ -23,7 +23,6 @@ from backends.base import Backend
 from backends.catalog import ModelCatalog
 from backends.errors import (
     BackendUnavailableError,
-    ContextWindowExceededError,
     DeadlineExceededError,
     InferenceError,
     ModelNotFoundError,
@@ -32,7 +31,8 @@ from backends.errors import (
 )
 from backends.failover import AnswerSoFar, may_fail_over
 from backends.metrics import RequestObserver
-from backends.resilience import CircuitBreaker, backoff_s, is_backend_fault, may_retry
+from backends.reporting import backend_report
+from backends.resilience import CircuitBreaker, RetryState, backoff_s, is_backend_fault, may_retry
 from backends.strategies import (
     Candidate,
     Strategy,
@@ -316,7 +316,7 @@ class BackendManager:
         original = request
         shown = AnswerSoFar()
         tried: set[str] = set()
-        retry = _RetryState()
+        retry = RetryState()
         while True:
             backend = await self._select_for_attempt(
                 task, request.model, tried, retry, ctx, need_continuation=shown.handed_over
@@ -404,7 +404,7 @@ class BackendManager:
     ) -> T:
         self._admit(ctx)
         tried: set[str] = set()
-        retry = _RetryState()
+        retry = RetryState()
         while True:
             backend = await self._select_for_attempt(task, model, tried, retry, ctx)
             started = time.monotonic()
@@ -464,7 +464,7 @@ class BackendManager:
         task: Task,
         model: str,
         tried: set[str],
-        retry: _RetryState,
+        retry: RetryState,
         ctx: RequestContext,
         need_continuation: bool = False,
     ) -> Backend:
@@ -602,35 +602,6 @@ class BackendManager:
     # ---- reporting ------------------------------------------------------------------
 
     def status_report(self) -> dict[str, object]:
-        backends = []
-        for backend in self._backends.values():
-            caps = backend.capabilities
-            loaded = sum(1 for c in caps.models if c.loaded)
-            backends.append(
-                {
-                    "id": backend.id,
-                    "name": backend.name,
-                    "type": backend.backend_type.value,
-                    "status": backend.status.value,
-                    "status_detail": backend.status_detail,
-                    "endpoint": backend.endpoint,
-                    "capabilities": {
-                        "tasks": sorted(t.value for t in caps.tasks),
-                        "models": [
-                            {"id": c.id, "task": c.task.value, "loaded": c.loaded, "context_window": c.context_window}
-                            for c in caps.models
-                        ],
-                        "streaming": caps.streaming,
-                        "batching": caps.batching,
-                        "hardware": sorted(caps.hardware),
-                        "protocols": sorted(caps.protocols),
-                        "context_window": caps.context_window,
-                    },
-                    "metrics": backend.metrics.snapshot(backend.queue_size(), loaded),
-                    "circuit": self._circuit_report(backend.id),
-                    "details": backend.describe(),
-                }
-            )
         return {
             "strategy": self.settings.strategy.value,
             "accepting": self._accepting,
@@ -638,27 +609,8 @@ class BackendManager:
             "max_pending_requests": self.settings.max_pending_requests,
             "default_models": {task.value: model for task, model in self.catalog.defaults.items()},
             "aliases": dict(self.catalog.aliases),
-            "backends": backends,
+            "backends": [backend_report(b, self._breakers[b.id]) for b in self._backends.values()],
         }
-
-    def _circuit_report(self, backend_id: str) -> dict[str, object]:
-        breaker = self._breakers[backend_id]
-        remaining = breaker.open_until - trio.current_time()
-        return {"open": remaining > 0, "reopens_in_s": round(max(remaining, 0.0), 1), "trips": breaker.trips}
-
-
-@dataclass
-class _RetryState:
-    """What one request's earlier attempts teach its next one."""
-
-    last_error: BaseException | None = None
-    min_context_window: int = 0
-
-    def failed(self, exc: BaseException, context_window: int) -> None:
-        self.last_error = exc
-        if isinstance(exc, ContextWindowExceededError):
-            # Only a backend with a larger window (or one that doesn't say) can help.
-            self.min_context_window = max(self.min_context_window, context_window)
 
 
 def _context_window(backend: Backend, task: Task, model: str) -> int:

@@ -87,3 +87,17 @@ def is_backend_fault(exc: BaseException) -> bool:
 def backoff_s(attempt: int, rng: random.Random, base_s: float = 0.05, cap_s: float = 2.0) -> float:
     """Full-jitter exponential backoff before retry number `attempt` (1-based)."""
     return rng.uniform(0.0, min(cap_s, base_s * 2 ** (attempt - 1)))
+
+
+@dataclass
+class RetryState:
+    """What one request's earlier attempts teach its next one."""
+
+    last_error: BaseException | None = None
+    min_context_window: int = 0
+
+    def failed(self, exc: BaseException, context_window: int) -> None:
+        self.last_error = exc
+        if isinstance(exc, ContextWindowExceededError):
+            # Only a backend with a larger window (or one that doesn't say) can help.
+            self.min_context_window = max(self.min_context_window, context_window)
