@@ -1,0 +1,183 @@
+"""One remote node reachable over several protocols, registered once.
+
+A `HybridBackend` holds one child backend per protocol (HTTP, WebSocket, libp2p...) for the
+same remote node. Per request it tries the children in order of preference: routable ones
+first, then by measured time to first token (an unmeasured child is tried before a
+measured slow one, so every protocol gets measured), and moves to the next protocol when
+one fails before output. The manager sees one backend, with the capabilities of the
+children together, so routing strategies weigh the node once, not once per protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from typing import TypeVar
+
+import trio
+
+from backends.base import Backend
+from backends.errors import BackendUnavailableError, InferenceError
+from backends.metrics import Ewma
+from backends.resilience import is_backend_fault
+from backends.types import (
+    BackendStatus,
+    BackendType,
+    Capabilities,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    RequestContext,
+    RerankRequest,
+    RerankResult,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class HybridBackend(Backend):
+    backend_type = BackendType.HYBRID
+
+    def __init__(self, backend_id: str, children: Sequence[Backend], name: str | None = None) -> None:
+        if not children:
+            raise ValueError(f"hybrid backend {backend_id!r} needs at least one protocol")
+        super().__init__(backend_id, name)
+        self.children = list(children)
+        self._ttft = {child.id: Ewma(tau_s=30.0, peak=True) for child in self.children}
+        self._failures = {child.id: 0 for child in self.children}
+
+    # ---- lifecycle: the children run inside this backend's nursery --------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for child in self.children:
+                await nursery.start(child.run)
+            self.status = self._combined_status()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def check_health(self) -> BackendStatus:
+        async with trio.open_nursery() as nursery:
+            for child in self.children:
+                nursery.start_soon(self._check_child, child)
+        return self._combined_status()
+
+    @staticmethod
+    async def _check_child(child: Backend) -> None:
+        child.status = await child.check_health()
+
+    def _combined_status(self) -> BackendStatus:
+        statuses = [c.status for c in self.children]
+        if all(s is BackendStatus.HEALTHY for s in statuses):
+            self.status_detail = ""
+            return BackendStatus.HEALTHY
+        down = [c.id for c in self.children if not c.status.routable]
+        self.status_detail = f"down: {', '.join(down)}" if down else ""
+        if any(s.routable for s in statuses):
+            return BackendStatus.DEGRADED if down else BackendStatus.HEALTHY
+        return BackendStatus.UNHEALTHY
+
+    # ---- what it offers ----------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        caps = [c.capabilities for c in self.children]
+        cards = {(card.id, card.task): card for cap in caps for card in cap.models}
+        windows = [cap.context_window for cap in caps if cap.context_window]
+        return Capabilities(
+            tasks=frozenset(t for cap in caps for t in cap.tasks),
+            models=tuple(cards.values()),
+            streaming=any(cap.streaming for cap in caps),
+            batching=any(cap.batching for cap in caps),
+            hardware=frozenset(h for cap in caps for h in cap.hardware),
+            protocols=frozenset(p for cap in caps for p in cap.protocols),
+            context_window=max(windows) if windows else None,
+            continuation=any(cap.continuation for cap in caps),
+        )
+
+    def queue_size(self) -> int:
+        return max((c.queue_size() for c in self.children), default=0)
+
+    def describe(self) -> dict[str, object]:
+        return {"protocols": [self._describe_child(child) for child in self.children]}
+
+    def _describe_child(self, child: Backend) -> dict[str, object]:
+        ttft = self._ttft[child.id].value
+        return {
+            "id": child.id,
+            "type": child.backend_type.value,
+            "status": child.status.value,
+            "ttft_ms": None if ttft is None else round(ttft * 1000, 2),
+            "failures": self._failures[child.id],
+            "endpoint": child.endpoint,
+        }
+
+    def preference(self, task: object, model: str) -> list[Backend]:
+        """Children able to serve, best first: routable, then fastest measured (unmeasured first)."""
+        able = [c for c in self.children if c.capabilities.serves(task, model)]  # type: ignore[arg-type]
+
+        def key(child: Backend) -> tuple[int, float]:
+            ttft = self._ttft[child.id].value
+            return (0 if child.status.routable else 1, -math.inf if ttft is None else ttft)
+
+        return sorted(able, key=key)
+
+    # ---- inference: first protocol that works --------------------------------------------
+
+    async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
+        last: BaseException | None = None
+        for child in self.preference(request.task, request.model):
+            started = time.monotonic()
+            emitted = False
+            try:
+                async with aclosing(child.stream(request, ctx)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.text and not emitted:
+                            emitted = True
+                            self._ttft[child.id].update(time.monotonic() - started)
+                        yield chunk
+                self._failures[child.id] = 0
+                return
+            except InferenceError as exc:
+                if emitted or not is_backend_fault(exc):
+                    raise  # output reached the client (the manager may continue it), or the input's fault
+                last = exc
+                self._protocol_failed(child, exc)
+        raise self._none_left(request.model, last)
+
+    async def embed(self, request: EmbeddingRequest, ctx: RequestContext) -> EmbeddingResult:
+        return await self._first_that_works(request.task, request.model, lambda c: c.embed(request, ctx))
+
+    async def rerank(self, request: RerankRequest, ctx: RequestContext) -> RerankResult:
+        return await self._first_that_works(request.task, request.model, lambda c: c.rerank(request, ctx))
+
+    async def _first_that_works(self, task: object, model: str, call: Callable[[Backend], Awaitable[T]]) -> T:
+        last: BaseException | None = None
+        for child in self.preference(task, model):
+            started = time.monotonic()
+            try:
+                result = await call(child)
+            except InferenceError as exc:
+                if not is_backend_fault(exc):
+                    raise
+                last = exc
+                self._protocol_failed(child, exc)
+                continue
+            self._ttft[child.id].update(time.monotonic() - started)
+            self._failures[child.id] = 0
+            return result
+        raise self._none_left(model, last)
+
+    def _protocol_failed(self, child: Backend, exc: BaseException) -> None:
+        self._failures[child.id] += 1
+        log.warning("hybrid %s: %s failed (%s); trying the next protocol", self.id, child.id, exc)
+
+    def _none_left(self, model: str, last: BaseException | None) -> BaseException:
+        if last is not None:
+            return last
+        return BackendUnavailableError(f"no protocol of {self.id} serves {model!r}")

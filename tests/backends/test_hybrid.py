@@ -1,0 +1,82 @@
+"""A node reachable over several protocols, registered once: the fastest working protocol
+serves, and a failing one hands over to the next within the same request."""
+
+from __future__ import annotations
+
+import trio
+
+from backends.errors import BackendUnavailableError, InvalidRequestError
+from backends.hybrid import HybridBackend
+from backends.types import BackendStatus, RequestContext
+from tests.backends.test_manager import ScriptedBackend, chat, manager_with
+
+
+def node_over(*protocols: ScriptedBackend) -> HybridBackend:
+    return HybridBackend("node-b", protocols)
+
+
+async def test_requests_settle_on_the_fastest_protocol(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
+    http, ws = ScriptedBackend("node-b/http", delay=0.5), ScriptedBackend("node-b/ws", delay=0.1)
+    hybrid = node_over(http, ws)
+    manager = manager_with(hybrid)
+    await nursery.start(manager.run)
+    for _ in range(6):
+        assert (await manager.generate(chat(), RequestContext())).backend_id == "node-b"
+    assert ws.calls >= 4 and http.calls <= 2  # both measured, then the faster one used
+    assert len(manager.status_report()["backends"]) == 1  # type: ignore[arg-type]
+
+
+async def test_a_failing_protocol_hands_over_within_the_request(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    ws = ScriptedBackend("node-b/ws", delay=0.1, fail_before_output=BackendUnavailableError("ws down"))
+    http = ScriptedBackend("node-b/http", delay=0.3)
+    hybrid = node_over(ws, http)
+    manager = manager_with(hybrid)
+    await nursery.start(manager.run)
+    result = await manager.generate(chat(), RequestContext())
+    assert result.text == "Hello!" and ws.calls == 1 and http.calls == 1
+    protocols = {p["id"]: p for p in hybrid.describe()["protocols"]}  # type: ignore[union-attr]
+    assert protocols["node-b/ws"]["failures"] == 1
+
+
+async def test_unroutable_protocols_are_tried_last(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
+    down, up = ScriptedBackend("node-b/p2p", delay=0.01), ScriptedBackend("node-b/http", delay=0.2)
+    hybrid = node_over(down, up)
+    manager = manager_with(hybrid)
+    await nursery.start(manager.run)
+    down.status = BackendStatus.OFFLINE
+    await manager.generate(chat(), RequestContext())
+    assert (down.calls, up.calls) == (0, 1)
+    assert await hybrid.check_health() is BackendStatus.DEGRADED
+
+
+async def test_input_errors_are_not_retried_on_another_protocol(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    bad = ScriptedBackend("node-b/ws", fail_before_output=InvalidRequestError("temperature must be <= 2"))
+    other = ScriptedBackend("node-b/http")
+    manager = manager_with(node_over(bad, other))
+    await nursery.start(manager.run)
+    try:
+        await manager.generate(chat(), RequestContext())
+    except InvalidRequestError:
+        pass
+    else:
+        raise AssertionError("the input error must reach the caller")
+    assert other.calls == 0
+
+
+async def test_every_protocol_down_is_a_clear_unavailable_error(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    a = ScriptedBackend("node-b/ws", fail_before_output=BackendUnavailableError("ws refused"))
+    b = ScriptedBackend("node-b/http", fail_before_output=BackendUnavailableError("http refused"))
+    manager = manager_with(node_over(a, b), max_attempts=1)
+    await nursery.start(manager.run)
+    try:
+        await manager.generate(chat(), RequestContext())
+    except BackendUnavailableError as exc:
+        assert "refused" in str(exc)
+    else:
+        raise AssertionError("expected an unavailable error")
