@@ -24,6 +24,7 @@ import trio
 
 from backends.catalog import ModelCatalog
 from backends.discovery import discover
+from backends.gpu.hardware import detect_hardware
 from backends.local.backend import LocalBackend, LocalBackendSettings
 from backends.manager import BackendManager, ManagerSettings
 from backends.types import BackendStatus, Task
@@ -106,6 +107,8 @@ class Node:
         self.manager.register(self.local)
         for backend_config in config.backends:
             self.manager.register(build_backend(backend_config))
+        # Measured once: nvidia-smi and friends are slow, and hardware doesn't change under us.
+        self.hardware = detect_hardware().as_dict()
         self.peering = Peering(self.manager, self.version, sorted({self.local.device.split(":")[0]}))
         self.mesh: MeshHost | None = None
         if config.mesh.enabled:
@@ -255,6 +258,7 @@ class Node:
             },
             "manager": self.manager.status_report(),
             "mesh": self.peering.status(),
+            "hardware": self.hardware,
         }
 
     def inference_health(self) -> dict[str, Any]:
