@@ -79,3 +79,28 @@ class DeadlineExceededError(InferenceError):
 class ShuttingDownError(BackendUnavailableError):
     code = "shutting_down"
     retryable = False  # the whole node is going away, not one backend
+
+
+_BY_CODE: dict[str, type[InferenceError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequestError,
+        ContextWindowExceededError,
+        ModelNotFoundError,
+        UnsupportedTaskError,
+        OverloadedError,
+        BackendUnavailableError,
+        BackendFailedError,
+        DeadlineExceededError,
+        ShuttingDownError,
+    )
+}
+
+
+def error_from_code(code: str, message: str, retry_after_s: float | None = None) -> InferenceError:
+    """Our error for a code another p2p-node (or our own protocol) reported; unknown codes
+    are a failure of the backend that sent them."""
+    cls = _BY_CODE.get(code, BackendFailedError)
+    if cls is OverloadedError:
+        return OverloadedError(message, retry_after_s=retry_after_s or 1.0)
+    return cls(message)

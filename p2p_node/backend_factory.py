@@ -13,6 +13,7 @@ from backends.lifecycle import LazyBackend
 from backends.remote.ollama import OllamaBackend, OllamaSettings
 from backends.remote.openai_compat import OpenAIBackendSettings, OpenAICompatibleBackend
 from backends.remote.tei import TEIBackend, TEISettings
+from backends.remote.websocket import WebSocketBackend, WebSocketBackendSettings
 from backends.types import ModelCard, Task
 from p2p_node.config import ConfigError
 from p2p_node.config_backends import OPENAI_COMPATIBLE, BackendConfig
@@ -53,6 +54,20 @@ def build_backend(config: BackendConfig) -> Backend:
     elif config.type == "vllm":
         _check_options(config, {*_VLLM_OPTIONS, "extra_args", "executable", "env"})
         backend = _vllm(config)
+    elif config.type == "websocket":
+        _check_options(config, {"ping_interval"})
+        assert config.url is not None
+        backend = WebSocketBackend(
+            WebSocketBackendSettings(
+                backend_id=config.id,
+                url=config.url,
+                api_key=config.api_key,
+                timeout_s=config.timeout,
+                connect_timeout_s=float(config.options.get("connect_timeout", 5.0)),
+                ping_interval_s=float(config.options.get("ping_interval", 5.0)),
+                name=f"{config.id} (websocket)",
+            )
+        )
     elif config.type == "cli":
         _check_options(config, {"command", "env", "cwd", "max_concurrency", "kill_grace_s"})
         backend = _cli(config)

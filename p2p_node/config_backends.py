@@ -22,7 +22,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # a user knows are kept for the status report and the default URLs.
 OPENAI_COMPATIBLE = ("openai", "vllm-server", "llamacpp", "tgi", "textgen", "localai", "p2p-node")
 BackendKind = Literal[
-    "openai", "vllm-server", "llamacpp", "tgi", "textgen", "localai", "p2p-node", "ollama", "tei", "cli", "vllm"
+    "openai",
+    "vllm-server",
+    "llamacpp",
+    "tgi",
+    "textgen",
+    "localai",
+    "p2p-node",
+    "ollama",
+    "tei",
+    "cli",
+    "vllm",
+    "websocket",
 ]
 
 # Seed 002's provider names → our backend kinds.
@@ -87,6 +98,10 @@ class BackendConfig(BaseModel):
             if default is None:
                 raise ValueError(f"backend {self.id!r} of type {self.type} needs a url")
             self.url = default
+        if self.type == "websocket":
+            if not self.url.startswith(("ws://", "wss://")):
+                raise ValueError(f"backend {self.id!r}: a websocket url starts with ws:// or wss://, got {self.url!r}")
+            return self
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"backend {self.id!r}: url {self.url!r} must start with http:// or https://")
         return self

@@ -75,9 +75,10 @@ def start_node(
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
     timeout: float = 180.0,
+    port: int | None = None,
 ) -> NodeProcess:
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     config_path = workdir / "node.toml"
     config_path.write_text(config_toml)
     log_path = workdir / "node.log"

@@ -1,0 +1,108 @@
+"""A second node reached by the first over each protocol in turn (WebSocket, MCP,
+several at once), killed and restarted mid-run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import TINY_CONFIG, NodeProcess, free_port, start_node
+
+TINY = "tiny-random-llama"
+GATEWAY = """
+[models]
+chat = {{}}
+default_chat = "tiny-random-llama"
+preload = []
+
+[mesh]
+enabled = false
+
+[routing]
+health_check_interval = 0.5
+
+[[backends]]
+id = "remote"
+type = "{kind}"
+url = "{url}"
+"""
+BODY = {"model": TINY, "messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 12}
+
+
+def wait_for(predicate: object, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)
+
+
+def ask(node: NodeProcess, **extra: object) -> httpx.Response:
+    return httpx.post(node.url + "/v1/chat/completions", json={**BODY, "temperature": 0, **extra}, timeout=60)
+
+
+def backend_status(node: NodeProcess, backend_id: str) -> str:
+    backends = httpx.get(node.url + "/status", timeout=10).json()["manager"]["backends"]
+    return next(b["status"] for b in backends if b["id"] == backend_id)
+
+
+def serves_tiny(node: NodeProcess) -> bool:
+    try:
+        return ask(node).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.slow
+def test_websocket_backend_serves_streams_and_survives_a_restart_of_the_remote(tmp_path: Path) -> None:
+    port = free_port()
+    remote = start_node(tmp_path / "remote", TINY_CONFIG + "\n[mesh]\nenabled = false\n", port=port)
+    gateway = start_node(tmp_path / "gateway", GATEWAY.format(kind="websocket", url=f"ws://127.0.0.1:{port}"))
+    try:
+        wait_for(lambda: serves_tiny(gateway))
+        through = ask(gateway)
+        assert through.headers["x-backend-id"] == "remote"
+        expected = ask(remote).json()["choices"][0]["message"]["content"]
+        assert through.json()["choices"][0]["message"]["content"] == expected
+        streamed = httpx.post(
+            gateway.url + "/v1/chat/completions", json={**BODY, "temperature": 0, "stream": True}, timeout=60
+        )
+        lines = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        pieces = [json.loads(x)["choices"][0]["delta"].get("content") or "" for x in lines[:-1]]
+        assert "".join(pieces) == expected and len(pieces) > 2
+
+        remote.stop(signal.SIGKILL)
+        failed = ask(gateway)
+        assert failed.status_code in (502, 503) and failed.json()["error"]["message"]
+        wait_for(lambda: backend_status(gateway, "remote") == "unhealthy", timeout=30)
+
+        remote = start_node(tmp_path / "remote2", TINY_CONFIG + "\n[mesh]\nenabled = false\n", port=port)
+        wait_for(lambda: serves_tiny(gateway), timeout=90)
+        assert ask(gateway).json()["choices"][0]["message"]["content"] == expected
+    finally:
+        gateway.stop()
+        remote.stop()
+
+
+def test_a_websocket_backend_with_an_http_url_is_a_clear_error_at_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import node_env
+
+    config = tmp_path / "node.toml"
+    config.write_text(GATEWAY.format(kind="websocket", url="http://127.0.0.1:1"))
+    result = subprocess.run(
+        [sys.executable, "-m", "p2p_node", "start", "--config", str(config), "--port", "0"],
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "ws://" in result.stderr.strip().splitlines()[-1]
