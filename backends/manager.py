@@ -28,6 +28,7 @@ from backends.errors import (
     ModelNotFoundError,
     OverloadedError,
     ShuttingDownError,
+    UnsupportedTaskError,
 )
 from backends.failover import AnswerSoFar, may_fail_over
 from backends.metrics import RequestObserver
@@ -151,17 +152,31 @@ class BackendManager:
         return list(seen.values())
 
     async def load_model(self, model: str, backend_id: str | None = None) -> list[str]:
-        """Loads `model` (an alias is fine) on every backend that offers it; returns their ids."""
-        targets = self._backends_offering(model, backend_id)
-        for backend in targets:
-            await backend.load_model(self.catalog.resolve(Task.CHAT, model))
-        return [b.id for b in targets]
+        """Loads `model` (an alias is fine) on every backend that offers it and can load
+        models on demand; returns their ids."""
+        return await self._on_each(model, backend_id, lambda b, m: b.load_model(m))
 
     async def unload_model(self, model: str, backend_id: str | None = None) -> list[str]:
-        targets = self._backends_offering(model, backend_id)
-        for backend in targets:
-            await backend.unload_model(self.catalog.resolve(Task.CHAT, model))
-        return [b.id for b in targets]
+        return await self._on_each(model, backend_id, lambda b, m: b.unload_model(m))
+
+    async def _on_each(
+        self, model: str, backend_id: str | None, action: Callable[[Backend, str], Awaitable[None]]
+    ) -> list[str]:
+        resolved = self.catalog.resolve(Task.CHAT, model)
+        done: list[str] = []
+        unsupported: UnsupportedTaskError | None = None
+        for backend in self._backends_offering(model, backend_id):
+            try:
+                await action(backend, resolved)
+            except UnsupportedTaskError as exc:
+                # A peer or remote API offers the model but manages its own memory: skip it
+                # unless it was the one asked for, or nobody could do it.
+                unsupported = exc
+                continue
+            done.append(backend.id)
+        if not done and unsupported is not None:
+            raise unsupported
+        return done
 
     def _backends_offering(self, model: str, backend_id: str | None) -> list[Backend]:
         resolved = self.catalog.resolve(Task.CHAT, model)

@@ -381,3 +381,22 @@ async def test_status_report_shows_metrics_per_backend(autojump_clock: trio.abc.
     assert entry["metrics"]["requests_ok"] == 1
     assert entry["metrics"]["ttft_ewma_ms"] is not None
     assert entry["capabilities"]["tasks"] == ["chat", "embedding"]
+
+
+class Loadable(ScriptedBackend):
+    def __init__(self, backend_id: str) -> None:
+        super().__init__(backend_id)
+        self.loaded: list[str] = []
+
+    async def load_model(self, model: str) -> None:
+        self.loaded.append(model)
+
+
+async def test_load_model_skips_backends_that_manage_their_own_memory() -> None:
+    from backends.errors import UnsupportedTaskError
+
+    remote, local = ScriptedBackend("remote"), Loadable("local")
+    assert await manager_with(remote, local).load_model("alias-of-m") == ["local"]
+    assert local.loaded == ["m"]
+    with pytest.raises(UnsupportedTaskError):
+        await manager_with(ScriptedBackend("only-remote")).load_model("m")

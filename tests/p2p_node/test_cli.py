@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import NodeProcess, free_port, node_env
 
-SUBCOMMANDS = ["start", "prepare-models", "chat", "embed", "models", "status"]
+SUBCOMMANDS = ["start", "join", "mcp", "prepare-models", "chat", "embed", "models", "status", "peers"]
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
