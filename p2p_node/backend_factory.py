@@ -10,6 +10,7 @@ from backends.cli import CliBackend, CliBackendSettings
 from backends.discovery import DiscoveredServer
 from backends.gpu import VllmBackend, VllmSettings
 from backends.lifecycle import LazyBackend
+from backends.remote.mcp_tool import OUR_TOOL, McpBackend, McpBackendSettings
 from backends.remote.ollama import OllamaBackend, OllamaSettings
 from backends.remote.openai_compat import OpenAIBackendSettings, OpenAICompatibleBackend
 from backends.remote.tei import TEIBackend, TEISettings
@@ -66,6 +67,26 @@ def build_backend(config: BackendConfig) -> Backend:
                 connect_timeout_s=float(config.options.get("connect_timeout", 5.0)),
                 ping_interval_s=float(config.options.get("ping_interval", 5.0)),
                 name=f"{config.id} (websocket)",
+            )
+        )
+    elif config.type == "mcp":
+        _check_options(config, {"command", "env", "tool", "arguments", "text_field"})
+        options = config.options
+        command = options.get("command") or []
+        backend = McpBackend(
+            McpBackendSettings(
+                backend_id=config.id,
+                url=config.url,
+                command=tuple(str(a) for a in (command if isinstance(command, list) else str(command).split())),
+                env={str(k): str(v) for k, v in dict(options.get("env", {})).items()},
+                api_key=config.api_key,
+                tool=str(options.get("tool", OUR_TOOL)),
+                arguments={str(k): str(v) for k, v in dict(options.get("arguments", {})).items()},
+                text_field=str(options.get("text_field", "text")),
+                models=tuple(config.models),
+                discover_models=config.discover_models,
+                timeout_s=config.timeout,
+                name=f"{config.id} (mcp)",
             )
         )
     elif config.type == "cli":

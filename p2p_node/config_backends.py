@@ -34,6 +34,7 @@ BackendKind = Literal[
     "cli",
     "vllm",
     "websocket",
+    "mcp",
 ]
 
 # Seed 002's provider names → our backend kinds.
@@ -86,6 +87,15 @@ class BackendConfig(BaseModel):
         if self.type == "vllm":  # a vLLM server this node supervises: it has no URL until started
             if "model" not in self.options:
                 raise ValueError(f"backend {self.id!r} of type vllm needs options.model (a model id or directory)")
+            return self
+        if self.type == "mcp":
+            command = self.options.get("command")
+            if bool(self.url) == bool(command):
+                raise ValueError(
+                    f"backend {self.id!r} of type mcp needs a url (streamable HTTP) or options.command (stdio)"
+                )
+            if self.url and not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"backend {self.id!r}: an MCP url starts with http:// or https://, got {self.url!r}")
             return self
         if self.type == "cli":
             if "command" not in self.options:

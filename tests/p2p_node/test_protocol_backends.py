@@ -106,3 +106,52 @@ def test_a_websocket_backend_with_an_http_url_is_a_clear_error_at_start(tmp_path
     )
     assert result.returncode == 2
     assert "ws://" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_mcp_backend_over_http_serves_and_reconnects_after_the_remote_restarts(tmp_path: Path) -> None:
+    port = free_port()
+    remote = start_node(tmp_path / "remote", TINY_CONFIG + "\n[mesh]\nenabled = false\n", port=port)
+    gateway = start_node(tmp_path / "gateway", GATEWAY.format(kind="mcp", url=f"http://127.0.0.1:{port}/mcp"))
+    try:
+        wait_for(lambda: serves_tiny(gateway))
+        through = ask(gateway)
+        assert through.headers["x-backend-id"] == "remote"
+        expected = ask(remote).json()["choices"][0]["message"]["content"]
+        assert through.json()["choices"][0]["message"]["content"] == expected
+        assert through.json()["usage"] == ask(remote).json()["usage"]
+        missing = ask(gateway, model="nowhere")
+        assert missing.status_code == 404
+
+        remote.stop(signal.SIGKILL)
+        wait_for(lambda: backend_status(gateway, "remote") == "unhealthy", timeout=30)
+        remote = start_node(tmp_path / "remote2", TINY_CONFIG + "\n[mesh]\nenabled = false\n", port=port)
+        wait_for(lambda: serves_tiny(gateway), timeout=90)
+        assert ask(gateway).json()["choices"][0]["message"]["content"] == expected
+    finally:
+        gateway.stop()
+        remote.stop()
+
+
+@pytest.mark.slow
+def test_mcp_backend_over_stdio_runs_a_node_as_a_subprocess(tmp_path: Path) -> None:
+    import sys
+
+    remote_config = tmp_path / "remote.toml"
+    remote_config.write_text(TINY_CONFIG + "\n[mesh]\nenabled = false\n[discovery]\nenabled = false\n")
+    config = GATEWAY.format(kind="mcp", url="").replace('url = ""\n', "")
+    config += (
+        f'options = {{ command = ["{sys.executable}", "-m", "p2p_node", "mcp", "--config", "{remote_config}"] }}\n'
+    )
+    gateway = start_node(tmp_path / "gateway", config)
+    try:
+        wait_for(lambda: serves_tiny(gateway), timeout=120)
+        answer = ask(gateway)
+        assert answer.headers["x-backend-id"] == "remote"
+        assert answer.json()["usage"]["completion_tokens"] > 0
+        embedded = httpx.post(
+            gateway.url + "/v1/embeddings", json={"input": ["a b"], "model": "all-MiniLM-L6-v2"}, timeout=60
+        )
+        assert embedded.status_code == 200 and len(embedded.json()["data"][0]["embedding"]) == 384
+    finally:
+        gateway.stop()
