@@ -9,6 +9,7 @@ from backends.base import Backend
 from backends.cli import CliBackend, CliBackendSettings
 from backends.discovery import DiscoveredServer
 from backends.gpu import VllmBackend, VllmSettings
+from backends.hybrid import HybridBackend
 from backends.lifecycle import LazyBackend
 from backends.remote.mcp_tool import OUR_TOOL, McpBackend, McpBackendSettings
 from backends.remote.ollama import OllamaBackend, OllamaSettings
@@ -89,6 +90,9 @@ def build_backend(config: BackendConfig) -> Backend:
                 name=f"{config.id} (mcp)",
             )
         )
+    elif config.type == "hybrid":
+        _check_options(config, {"http", "websocket", "mcp"})
+        backend = HybridBackend(config.id, _hybrid_children(config), name=f"{config.id} (hybrid)")
     elif config.type == "cli":
         _check_options(config, {"command", "env", "cwd", "max_concurrency", "kill_grace_s"})
         backend = _cli(config)
@@ -163,6 +167,25 @@ def _cli(config: BackendConfig) -> CliBackend:
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
     return CliBackend(settings)
+
+
+def _hybrid_children(config: BackendConfig) -> list[Backend]:
+    """One child per protocol of the same remote node, ids `<id>/http`, `<id>/ws`, `<id>/mcp`."""
+    kinds = {"http": ("http", "p2p-node"), "websocket": ("ws", "websocket"), "mcp": ("mcp", "mcp")}
+    children = []
+    for option, (suffix, kind) in kinds.items():
+        if option in config.options:
+            child = BackendConfig.model_validate(
+                {
+                    "id": f"{config.id}/{suffix}",
+                    "type": kind,
+                    "url": str(config.options[option]),
+                    "api_key": config.api_key,
+                    "timeout": config.timeout,
+                }
+            )
+            children.append(build_backend(child))
+    return children
 
 
 def _check_options(config: BackendConfig, allowed: set[str]) -> None:

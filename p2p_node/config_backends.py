@@ -35,6 +35,7 @@ BackendKind = Literal[
     "vllm",
     "websocket",
     "mcp",
+    "hybrid",
 ]
 
 # Seed 002's provider names → our backend kinds.
@@ -65,7 +66,7 @@ DEFAULT_URLS: dict[str, str] = {
 class BackendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
+    id: str = Field(pattern=r"^[A-Za-z0-9_.:/-]+$")
     type: BackendKind
     url: str | None = None
     api_key: str | None = None
@@ -87,6 +88,14 @@ class BackendConfig(BaseModel):
         if self.type == "vllm":  # a vLLM server this node supervises: it has no URL until started
             if "model" not in self.options:
                 raise ValueError(f"backend {self.id!r} of type vllm needs options.model (a model id or directory)")
+            return self
+        if self.type == "hybrid":
+            protocols = {"http", "websocket", "mcp"} & set(self.options)
+            if not protocols:
+                raise ValueError(
+                    f"backend {self.id!r} of type hybrid needs at least one of options.http, options.websocket, "
+                    "options.mcp (the remote node's URL for that protocol)"
+                )
             return self
         if self.type == "mcp":
             command = self.options.get("command")

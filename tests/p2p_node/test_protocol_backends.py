@@ -155,3 +155,32 @@ def test_mcp_backend_over_stdio_runs_a_node_as_a_subprocess(tmp_path: Path) -> N
         assert embedded.status_code == 200 and len(embedded.json()["data"][0]["embedding"]) == 384
     finally:
         gateway.stop()
+
+
+@pytest.mark.slow
+def test_hybrid_backend_registers_the_node_once_and_routes_around_a_dead_protocol(tmp_path: Path) -> None:
+    port, dead = free_port(), free_port()
+    remote = start_node(tmp_path / "remote", TINY_CONFIG + "\n[mesh]\nenabled = false\n", port=port)
+    config = GATEWAY.format(kind="hybrid", url="").replace('url = ""\n', "")
+    config += (
+        f'options = {{ websocket = "ws://127.0.0.1:{dead}", http = "http://127.0.0.1:{port}/v1", '
+        f'mcp = "http://127.0.0.1:{port}/mcp" }}\n'
+    )
+    gateway = start_node(tmp_path / "gateway", config)
+    try:
+        wait_for(lambda: serves_tiny(gateway))
+        expected = ask(remote).json()["choices"][0]["message"]["content"]
+        for _ in range(4):
+            response = ask(gateway)
+            assert response.headers["x-backend-id"] == "remote"
+            assert response.json()["choices"][0]["message"]["content"] == expected
+        backends = httpx.get(gateway.url + "/status", timeout=10).json()["manager"]["backends"]
+        hybrid = next(b for b in backends if b["id"] == "remote")
+        assert hybrid["type"] == "hybrid" and len([b for b in backends if b["id"].startswith("remote")]) == 1
+        protocols = {p["id"]: p for p in hybrid["details"]["protocols"]}
+        assert protocols["remote/ws"]["status"] == "unhealthy"
+        assert protocols["remote/http"]["ttft_ms"] is not None or protocols["remote/mcp"]["ttft_ms"] is not None
+        wait_for(lambda: backend_status(gateway, "remote") == "degraded", timeout=30)
+    finally:
+        gateway.stop()
+        remote.stop()
