@@ -235,6 +235,7 @@ class BackendManager:
             ttft_s=perf.ttft_s.value if perf else None,
             tpot_s=perf.tpot_s.value if perf else None,
             samples=perf.samples if perf else 0,
+            sample_age_s=time.monotonic() - perf.ttft_s.updated_at if perf and perf.samples else 0.0,
         )
 
     def _pick(self, candidates: list[Candidate]) -> Candidate:

@@ -37,6 +37,7 @@ class Candidate:
     ttft_s: float | None = None  # EWMA for this (backend, model); None = never measured
     tpot_s: float | None = None
     samples: int = 0
+    sample_age_s: float = 0.0  # since the last TTFT sample
 
     @property
     def load(self) -> int:
@@ -57,31 +58,47 @@ def least_loaded(candidates: Sequence[Candidate], rng: random.Random) -> Candida
     return rng.choice([c for c in candidates if c.load == lowest])
 
 
-# A new backend is tried with this probability per pick until it has enough samples,
-# so it gets measured without taking a large share of traffic while it is unknown.
-EXPLORATION_SAMPLES = 3
+# An unmeasured backend gets this many requests first, so it is measured at all; more
+# would put unknown (possibly slow) backends in the latency tail.
+EXPLORATION_SAMPLES = 1
+# A backend not measured for this long is probed again when idle: its peak figures
+# only move when it serves, and a backend that was slow once may have recovered.
+STALE_AFTER_S = 30.0
+# Inference servers batch: up to about this many requests in flight don't slow each
+# other much. Weighting load by it keeps a busy fast backend ahead of an idle slow one.
+ASSUMED_PARALLELISM = 4
 
 
-def best_performance(candidates: Sequence[Candidate], rng: random.Random, expected_tokens: int = 64) -> Candidate:
-    """Power of two choices over latency-weighted load.
+def best_performance(
+    candidates: Sequence[Candidate],
+    rng: random.Random,
+    expected_tokens: int = 64,
+    parallelism: int = ASSUMED_PARALLELISM,
+) -> Candidate:
+    """Power of two choices over expected latency.
 
-    Cost of a candidate = (TTFT + expected_tokens * TPOT) * (1 + outstanding requests):
-    first-token and per-token times stay separate figures, combined only for the
-    decision at hand. Unmeasured candidates are explored first.
+    Cost of a candidate = (TTFT + expected_tokens * TPOT) * (1 + load / parallelism), from
+    peak EWMAs: first-token and per-token times stay separate figures, combined only for
+    the decision at hand. The measured times already contain the effect of the load they
+    were measured under, so load counts only beyond what a batching server absorbs.
+    Unmeasured candidates are explored first; stale idle ones are re-probed.
     """
     unexplored = [c for c in candidates if c.samples < EXPLORATION_SAMPLES]
     if unexplored:
         return min(unexplored, key=lambda c: (c.samples, c.load, rng.random()))
+    stale = [c for c in candidates if c.sample_age_s > STALE_AFTER_S and c.load == 0]
+    if stale:
+        return max(stale, key=lambda c: (c.sample_age_s, rng.random()))
     if len(candidates) == 1:
         return candidates[0]
     first, second = rng.sample(list(candidates), 2)
-    return min((first, second), key=lambda c: (_cost(c, expected_tokens), rng.random()))
+    return min((first, second), key=lambda c: (_cost(c, expected_tokens, parallelism), rng.random()))
 
 
-def _cost(candidate: Candidate, expected_tokens: int) -> float:
+def _cost(candidate: Candidate, expected_tokens: int, parallelism: int) -> float:
     ttft = candidate.ttft_s or 0.0
     tpot = candidate.tpot_s or 0.0
-    return (ttft + expected_tokens * tpot) * (1 + candidate.load)
+    return (ttft + expected_tokens * tpot) * (1 + candidate.load / parallelism)
 
 
 Picker = Callable[[Sequence[Candidate]], Candidate]

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from backends.strategies import Strategy
 from p2p_node.config_backends import BackendConfig, InferenceConfig, provider_backends
+from p2p_node.registry import RegistryConfig
 
 DEFAULT_CHAT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
@@ -156,6 +157,7 @@ class NodeConfig(_Section):
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     mesh: MeshConfig = Field(default_factory=MeshConfig)
     mcp: McpConfig = Field(default_factory=McpConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)  # seed 004's /infer models
     backends: list[BackendConfig] = Field(default_factory=list)
 
     def effective(self) -> dict[str, Any]:
@@ -253,6 +255,9 @@ _ENV: list[tuple[str, str, str, Any]] = [
     ("LOCAL_INFERENCE_URL", "inference", "local_inference_url", str),
     ("LOCAL_MODEL_NAME", "inference", "local_model_name", str),
     ("LOCAL_INFERENCE_TIMEOUT", "inference", "timeout", float),
+    # Seed 004's /infer: the registered model a request without `model` gets.
+    ("DEFAULT_MODEL", "registry", "default_model", str),
+    ("P2P_NODE_MAX_BATCH_REQUESTS", "registry", "max_batch_requests", int),
 ]
 
 ENV_VARIABLES = sorted({name for name, *_ in _ENV} | {"P2P_NODE_CONFIG"})

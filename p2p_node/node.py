@@ -37,6 +37,7 @@ from p2p_node.mesh.host import MeshHost, MeshSettings, tcp_port
 from p2p_node.mesh.identity import IdentityError, load_or_create_identity
 from p2p_node.mesh.mdns import MdnsDiscovery
 from p2p_node.peering.service import Peering
+from p2p_node.registry import ModelRegistry
 from p2p_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class Node:
                 max_body_bytes=config.server.max_body_bytes,
                 version=self.version,
                 api_keys=ApiKeys(config.server.api_keys),
+                registry=ModelRegistry.from_config(config.registry),
                 mcp=McpHttpSettings(
                     enabled=config.mcp.enabled,
                     allowed_hosts=tuple(config.mcp.allowed_hosts),
@@ -176,6 +178,8 @@ class Node:
                 task_status.started(self.addresses)
                 await self._stop.wait()
                 await self._drain()
+                if self.app.state.mcp_http is not None:
+                    await self.app.state.mcp_http.close_sessions()  # else hypercorn waits on their streams
                 # Hypercorn stops listening and closes connections once their last bytes
                 # are written, so streams that just finished still reach their clients.
                 http_stop.set()

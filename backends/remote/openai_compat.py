@@ -246,7 +246,8 @@ async def _parse_sse(response: httpx.Response, backend_id: str, *, chat: bool) -
     usage: Usage | None = None
     content_chunks = 0
     done = False
-    async for line in response.aiter_lines():
+    lines = response.aiter_lines()
+    async for line in lines:
         if not line.startswith("data:"):
             continue  # comments, event names, keep-alives
         data = line[5:].strip()
@@ -268,6 +269,12 @@ async def _parse_sse(response: httpx.Response, backend_id: str, *, chat: bool) -
                 yield GenerationChunk(text)
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
+    if done:
+        # Read to the end of the body: an unfinished response can't go back to the pool,
+        # and a new connection (a TLS handshake, upstream) per request is what that costs.
+        with trio.move_on_after(1.0):
+            async for _ in lines:
+                pass
     if not done and finish is None:
         raise BackendFailedError(f"backend {backend_id} ended the stream before finishing the answer")
     if usage is None:

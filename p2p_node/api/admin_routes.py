@@ -40,7 +40,6 @@ def build_router(
         return JSONResponse({"ready": is_ready, "reason": reason}, status_code=200 if is_ready else 503)
 
     @router.get("/status")
-    @router.get("/v1/status", include_in_schema=False)
     async def status() -> dict[str, Any]:
         return node_status()
 

@@ -11,9 +11,12 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.manager import BackendManager
-from p2p_node.api import admin_routes, openai_routes
+from p2p_node.api import admin_routes, infer_routes, openai_routes, stats_routes, websocket
 from p2p_node.api.auth import ApiKeys, RequireApiKey
 from p2p_node.api.errors import error_body, install_error_handlers
+from p2p_node.api.request_ids import RequestIds
+from p2p_node.mcp_server.http import McpHttp, McpHttpSettings
+from p2p_node.registry import ModelRegistry
 
 
 @dataclass
@@ -27,10 +30,15 @@ class ApiDependencies:
     max_body_bytes: int = 4 * 1024 * 1024
     version: str = "0"
     api_keys: ApiKeys = field(default_factory=ApiKeys)
+    mcp: McpHttpSettings = field(default_factory=McpHttpSettings)
+    registry: ModelRegistry = field(default_factory=ModelRegistry.builtin)  # seed 004's /infer models
 
 
 def create_app(deps: ApiDependencies) -> FastAPI:
-    app = FastAPI(title="p2p-node", version=deps.version, docs_url="/docs", redoc_url=None)
+    mcp_http = McpHttp.from_api(deps) if deps.mcp.enabled else None
+    # MCP's session manager must run for as long as the app serves.
+    lifespan = mcp_http.lifespan if mcp_http is not None else None
+    app = FastAPI(title="p2p-node", version=deps.version, docs_url="/docs", redoc_url=None, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(openai_routes.build_router(deps.manager, deps.default_max_tokens))
     app.include_router(
@@ -38,9 +46,17 @@ def create_app(deps: ApiDependencies) -> FastAPI:
             deps.manager, deps.node_status, deps.readiness, deps.render_metrics, deps.inference_health
         )
     )
+    app.include_router(stats_routes.build_router(deps.manager, deps.node_status))
+    app.include_router(infer_routes.build_router(deps.manager, deps.registry, deps.default_max_tokens))
+    app.include_router(websocket.build_router(deps))
+    if mcp_http is not None:
+        app.router.routes.extend(mcp_http.routes)  # copied, not mounted: a mount answers /mcp with 307
+    app.state.mcp_http = mcp_http  # the node ends MCP sessions at shutdown
     app.add_middleware(BodySizeLimit, max_bytes=deps.max_body_bytes)
     # Added last, so it runs first: unauthenticated requests cost nothing further.
     app.add_middleware(RequireApiKey, keys=deps.api_keys)
+    # Outermost: even a refused request gets an id and an access-log line.
+    app.add_middleware(RequestIds)
     return app
 
 

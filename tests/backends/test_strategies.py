@@ -69,3 +69,27 @@ def test_strategy_names_parse_in_the_spellings_users_write(name: str) -> None:
 def test_unknown_strategy_name_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown load-balancing strategy 'fastest'"):
         Strategy.parse("fastest")
+
+
+def test_best_performance_keeps_a_busy_fast_backend_ahead_of_an_idle_slow_one() -> None:
+    from backends.strategies import Candidate, best_performance
+
+    fast_busy = Candidate("fast", in_flight=3, queue_size=0, ttft_s=0.05, tpot_s=0.01, samples=10)
+    slow_idle = Candidate("slow", in_flight=0, queue_size=0, ttft_s=0.25, tpot_s=0.05, samples=10)
+    rng = random.Random(3)
+    picks = [best_performance([fast_busy, slow_idle], rng).backend_id for _ in range(50)]
+    assert picks.count("fast") == 50
+
+
+def test_best_performance_reprobes_a_stale_idle_backend_once_in_a_while() -> None:
+    from backends.strategies import STALE_AFTER_S, Candidate, best_performance
+
+    fresh = Candidate("fresh", in_flight=0, queue_size=0, ttft_s=0.05, tpot_s=0.01, samples=10, sample_age_s=1)
+    stale = Candidate(
+        "stale", in_flight=0, queue_size=0, ttft_s=5.0, tpot_s=1.0, samples=10, sample_age_s=STALE_AFTER_S + 1
+    )
+    assert best_performance([fresh, stale], random.Random(1)).backend_id == "stale"
+    busy_stale = Candidate(
+        "stale", in_flight=1, queue_size=0, ttft_s=5.0, tpot_s=1.0, samples=10, sample_age_s=STALE_AFTER_S + 1
+    )
+    assert best_performance([fresh, busy_stale], random.Random(1)).backend_id == "fresh"
