@@ -186,7 +186,15 @@ class McpBackend(Backend):
                 args["prompt"] = request.prompt
         args = {k: v for k, v in args.items() if v is not None}
         if self.settings.tool != OUR_TOOL:
-            args = {self.settings.arguments.get(k, k): v for k, v in args.items() if k in self.settings.arguments}
+            if isinstance(request, ChatRequest) and "prompt" not in args:
+                # Foreign tools take text, not our message list: one user message is its
+                # content; a conversation is rendered "role: content" per line.
+                messages = request.messages
+                single = len(messages) == 1 and messages[0].role == "user"
+                args["prompt"] = (
+                    messages[0].content if single else "\n".join(f"{m.role}: {m.content}" for m in messages)
+                )
+            args = {self.settings.arguments[k]: v for k, v in args.items() if k in self.settings.arguments}
         return args
 
     async def _call(self, request: Any, ctx: RequestContext) -> tuple[dict[str, Any], str]:
