@@ -97,6 +97,9 @@ _BY_CODE: dict[str, type[InferenceError]] = {
 }
 
 
+KNOWN_CODES = frozenset(_BY_CODE)
+
+
 def error_from_code(code: str, message: str, retry_after_s: float | None = None) -> InferenceError:
     """Our error for a code another p2p-node (or our own protocol) reported; unknown codes
     are a failure of the backend that sent them."""

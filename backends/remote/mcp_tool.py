@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from backends.base import Backend
-from backends.errors import BackendFailedError, BackendUnavailableError, InferenceError, error_from_code
+from backends.errors import KNOWN_CODES, BackendFailedError, BackendUnavailableError, InferenceError, error_from_code
 from backends.types import (
     BackendStatus,
     BackendType,
@@ -212,8 +212,12 @@ class McpBackend(Backend):
             raise BackendUnavailableError(f"backend {self.id}: the tool call failed: {exc}") from None
         text = "".join(getattr(part, "text", "") for part in result.content)
         if result.is_error:
-            code, _, message = text.partition(": ")
-            raise error_from_code(code.strip(), f"backend {self.id}: {message or text}")
+            # Ours start "code: message"; SDKs may prefix it ("Error executing tool x: code: ...").
+            parts = text.split(": ")
+            for i, part in enumerate(parts[:-1]):
+                if part.strip() in KNOWN_CODES:
+                    raise error_from_code(part.strip(), f"backend {self.id}: {': '.join(parts[i + 1 :])}")
+            raise BackendFailedError(f"backend {self.id}: {text}")
         return dict(result.structured_content or {}), text
 
     async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
