@@ -181,6 +181,13 @@ def test_hybrid_backend_registers_the_node_once_and_routes_around_a_dead_protoco
         assert protocols["remote/ws"]["status"] == "unhealthy"
         assert protocols["remote/http"]["ttft_ms"] is not None or protocols["remote/mcp"]["ttft_ms"] is not None
         wait_for(lambda: backend_status(gateway, "remote") == "degraded", timeout=30)
+
+        remote.stop(signal.SIGKILL)
+        wait_for(lambda: backend_status(gateway, "remote") == "unhealthy", timeout=30)
+        assert ask(gateway).status_code in (502, 503)
+        remote = start_node(tmp_path / "remote2", TINY_CONFIG + "\n[mesh]\nenabled = false\n", port=port)
+        wait_for(lambda: serves_tiny(gateway), timeout=90)
+        assert ask(gateway).json()["choices"][0]["message"]["content"] == expected
     finally:
         gateway.stop()
         remote.stop()
