@@ -98,12 +98,17 @@ def test_peer_death_mid_stream_resumes_on_next_peer(tmp_path_factory: pytest.Tem
     import json
     import signal
 
-    first = start_node(tmp_path_factory.mktemp("first"), TINY_CONFIG)
-    second = start_node(tmp_path_factory.mktemp("second"), TINY_CONFIG)
-    peers = {mesh_status(n)["peer_id"]: n for n in (first, second)}
-    bootstrap = ",".join(mesh_status(n)["addrs"][0] for n in (first, second))
-    asker = start_node(tmp_path_factory.mktemp("asker2"), NO_LOCAL_CHAT, env={"LIBP2P_BOOTSTRAP_PEERS": bootstrap})
+    started: list[NodeProcess] = []
     try:
+        first = start_node(tmp_path_factory.mktemp("first"), TINY_CONFIG)
+        started.append(first)
+        second = start_node(tmp_path_factory.mktemp("second"), TINY_CONFIG)
+        started.append(second)
+        peers = {mesh_status(n)["peer_id"]: n for n in (first, second)}
+        bootstrap = ",".join(mesh_status(n)["addrs"][0] for n in (first, second))
+        env = {"LIBP2P_BOOTSTRAP_PEERS": bootstrap}
+        asker = start_node(tmp_path_factory.mktemp("asker2"), NO_LOCAL_CHAT, env=env)
+        started.append(asker)
         wait_for(lambda: len([p for p in mesh_status(asker)["peers"] if p["models"]]) == 2)
         body = {"model": TINY, "messages": MESSAGES, "max_tokens": 400, "temperature": 0, "stream": True}
         body["stream_options"] = {"include_usage": True}
@@ -128,7 +133,7 @@ def test_peer_death_mid_stream_resumes_on_next_peer(tmp_path_factory: pytest.Tem
         assert "".join(texts) == direct["choices"][0]["message"]["content"]
         assert usage["completion_tokens"] == direct["usage"]["completion_tokens"]
     finally:
-        for node in (asker, first, second):
+        for node in started:
             node.stop()
 
 

@@ -61,7 +61,11 @@ def serves_tiny(node: NodeProcess) -> bool:
 def test_websocket_backend_serves_streams_and_survives_a_restart_of_the_remote(tmp_path: Path) -> None:
     port = free_port()
     remote = start_node(tmp_path / "remote", TINY_CONFIG + "\n[mesh]\nenabled = false\n", port=port)
-    gateway = start_node(tmp_path / "gateway", GATEWAY.format(kind="websocket", url=f"ws://127.0.0.1:{port}"))
+    try:
+        gateway = start_node(tmp_path / "gateway", GATEWAY.format(kind="websocket", url=f"ws://127.0.0.1:{port}"))
+    except BaseException:
+        remote.stop()  # the remote must not outlive a gateway that failed to start
+        raise
     try:
         wait_for(lambda: serves_tiny(gateway))
         through = ask(gateway)
@@ -112,7 +116,11 @@ def test_a_websocket_backend_with_an_http_url_is_a_clear_error_at_start(tmp_path
 def test_mcp_backend_over_http_serves_and_reconnects_after_the_remote_restarts(tmp_path: Path) -> None:
     port = free_port()
     remote = start_node(tmp_path / "remote", TINY_CONFIG + "\n[mesh]\nenabled = false\n", port=port)
-    gateway = start_node(tmp_path / "gateway", GATEWAY.format(kind="mcp", url=f"http://127.0.0.1:{port}/mcp"))
+    try:
+        gateway = start_node(tmp_path / "gateway", GATEWAY.format(kind="mcp", url=f"http://127.0.0.1:{port}/mcp"))
+    except BaseException:
+        remote.stop()  # the remote must not outlive a gateway that failed to start
+        raise
     try:
         wait_for(lambda: serves_tiny(gateway))
         through = ask(gateway)
@@ -166,7 +174,11 @@ def test_hybrid_backend_registers_the_node_once_and_routes_around_a_dead_protoco
         f'options = {{ websocket = "ws://127.0.0.1:{dead}", http = "http://127.0.0.1:{port}/v1", '
         f'mcp = "http://127.0.0.1:{port}/mcp" }}\n'
     )
-    gateway = start_node(tmp_path / "gateway", config)
+    try:
+        gateway = start_node(tmp_path / "gateway", config)
+    except BaseException:
+        remote.stop()  # the remote must not outlive a gateway that failed to start
+        raise
     try:
         wait_for(lambda: serves_tiny(gateway))
         expected = ask(remote).json()["choices"][0]["message"]["content"]
