@@ -57,7 +57,7 @@ class MeshSettings:
     keepalive_s: float = 5.0  # adverts and pings at least this often
     advert_ttl_s: float = 15.0  # a peer silent this long is forgotten
     request_first_frame_timeout_s: float = 10.0
-    reconnect_max_backoff_s: float = 30.0
+    reconnect_max_backoff_s: float = 10.0
 
 
 @dataclass
@@ -152,6 +152,13 @@ class MeshHost:
                     await self._exchange_adverts(FramedStream(stream), peer)
                 except Exception as exc:  # unreachable, refused, reset: try again later
                     log.debug("peer %s at %s: %s", peer, address, exc)
+                    # A connection that died silently (a partition: no FIN, no RST) still
+                    # looks open to the swarm, and every redial would reuse it: drop it.
+                    with trio.move_on_after(2):
+                        try:
+                            await self._host.disconnect(info.peer_id)
+                        except Exception:
+                            pass
                 state = self.peers.get(peer)
                 if state is not None:
                     state.connected = False
