@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import TypeVar
@@ -132,14 +131,14 @@ class HybridBackend(Backend):
     async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
         last: BaseException | None = None
         for child in self.preference(request.task, request.model):
-            started = time.monotonic()
+            started = trio.current_time()
             emitted = False
             try:
                 async with aclosing(child.stream(request, ctx)) as chunks:
                     async for chunk in chunks:
                         if chunk.text and not emitted:
                             emitted = True
-                            self._ttft[child.id].update(time.monotonic() - started)
+                            self._ttft[child.id].update(trio.current_time() - started, trio.current_time())
                         yield chunk
                 self._failures[child.id] = 0
                 return
@@ -159,7 +158,7 @@ class HybridBackend(Backend):
     async def _first_that_works(self, task: object, model: str, call: Callable[[Backend], Awaitable[T]]) -> T:
         last: BaseException | None = None
         for child in self.preference(task, model):
-            started = time.monotonic()
+            started = trio.current_time()
             try:
                 result = await call(child)
             except InferenceError as exc:
@@ -168,7 +167,7 @@ class HybridBackend(Backend):
                 last = exc
                 self._protocol_failed(child, exc)
                 continue
-            self._ttft[child.id].update(time.monotonic() - started)
+            self._ttft[child.id].update(trio.current_time() - started, trio.current_time())
             self._failures[child.id] = 0
             return result
         raise self._none_left(model, last)
