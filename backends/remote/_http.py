@@ -15,7 +15,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,6 +39,21 @@ _CONTEXT_MARKERS = (
     "too many tokens",
     "must have less than",  # TEI with truncate=false
 )
+
+
+def make_client(
+    base_url: str, api_key: str | None, headers: Mapping[str, str], timeout_s: float, connect_timeout_s: float
+) -> httpx.AsyncClient:
+    """The client every HTTP backend uses: our user agent, the bearer key if any, pooled connections."""
+    all_headers = {"user-agent": "p2p-node", **headers}
+    if api_key:
+        all_headers["authorization"] = f"Bearer {api_key}"
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers=all_headers,
+        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+    )
 
 
 @contextmanager

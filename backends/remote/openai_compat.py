@@ -21,7 +21,7 @@ import trio
 
 from backends.base import Backend
 from backends.errors import BackendFailedError, BackendUnavailableError, InferenceError
-from backends.remote._http import raise_for_status, translate_errors
+from backends.remote._http import make_client, raise_for_status, translate_errors
 from backends.types import (
     BackendStatus,
     BackendType,
@@ -76,15 +76,8 @@ class OpenAICompatibleBackend(Backend):
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        headers = {"user-agent": "p2p-node", **self.settings.headers}
-        if self.settings.api_key:
-            headers["authorization"] = f"Bearer {self.settings.api_key}"
-        self._client = httpx.AsyncClient(
-            base_url=self._base_url,
-            headers=headers,
-            timeout=httpx.Timeout(self.settings.timeout_s, connect=self.settings.connect_timeout_s),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-        )
+        s = self.settings
+        self._client = make_client(self._base_url, s.api_key, s.headers, s.timeout_s, s.connect_timeout_s)
         # A remote that is down at start is not a reason to stop the node: the health
         # loop keeps probing and the status report says why it is unhealthy.
         self.status = await self.check_health()
