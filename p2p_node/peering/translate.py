@@ -4,18 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.errors import (
-    BackendFailedError,
-    BackendUnavailableError,
-    ContextWindowExceededError,
-    DeadlineExceededError,
-    InferenceError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    OverloadedError,
-    ShuttingDownError,
-    UnsupportedTaskError,
-)
+from backends.errors import InferenceError, InvalidRequestError, error_from_code
 from backends.types import (
     ChatRequest,
     CompletionRequest,
@@ -27,21 +16,6 @@ from backends.types import (
     RerankRequest,
     Task,
 )
-
-_ERRORS: dict[str, type[InferenceError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidRequestError,
-        ContextWindowExceededError,
-        ModelNotFoundError,
-        UnsupportedTaskError,
-        OverloadedError,
-        BackendUnavailableError,
-        BackendFailedError,
-        DeadlineExceededError,
-        ShuttingDownError,
-    )
-}
 
 
 def request_payload(request: InferenceRequest) -> dict[str, Any]:
@@ -108,8 +82,4 @@ def parse_request(task: str, model: str, payload: dict[str, Any]) -> InferenceRe
 
 
 def error_from_frame(frame: dict[str, Any], peer: str) -> InferenceError:
-    cls = _ERRORS.get(str(frame.get("code")), BackendFailedError)
-    message = f"peer {peer[:12]}…: {frame.get('message', '')}"
-    if cls is OverloadedError:
-        return OverloadedError(message)
-    return cls(message)
+    return error_from_code(str(frame.get("code")), f"peer {peer[:12]}…: {frame.get('message', '')}")
