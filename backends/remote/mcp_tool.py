@@ -61,6 +61,7 @@ class McpBackendSettings:
     discover_models: bool = True
     timeout_s: float = 300.0
     reconnect_max_backoff_s: float = 30.0
+    probe_interval_s: float = 5.0  # how often the session is checked while idle
     name: str | None = None
 
 
@@ -118,9 +119,11 @@ class McpBackend(Backend):
                     backoff = 0.5
                     self._ready.set()
                     while True:
-                        await trio.sleep(5)
+                        await trio.sleep(self.settings.probe_interval_s)
+                        # Not `ping`: the 2026-07-28 protocol removed it, and a server speaking
+                        # that version answers "method not found". Listing tools is in every version.
                         with trio.fail_after(10):
-                            await client.send_ping()
+                            await client.list_tools(cache_mode="bypass")
             except Exception as exc:  # the SDK raises many kinds: all mean "not connected"
                 self.status_detail = f"{self.endpoint}: {exc or type(exc).__name__}"
                 log.info("MCP backend %s: %s", self.id, self.status_detail)

@@ -135,7 +135,9 @@ def test_mcp_backend_over_http_serves_and_reconnects_after_the_remote_restarts(t
         wait_for(lambda: backend_status(gateway, "remote") == "unhealthy", timeout=30)
         remote = start_node(tmp_path / "remote2", TINY_CONFIG + "\n[mesh]\nenabled = false\n", port=port)
         wait_for(lambda: serves_tiny(gateway), timeout=90)
-        assert ask(gateway).json()["choices"][0]["message"]["content"] == expected
+        again = ask(gateway)
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["message"]["content"] == expected
     finally:
         gateway.stop()
         remote.stop()

@@ -17,7 +17,7 @@ from backends.types import BackendStatus, ChatRequest, GenerationParams, Message
 TOOL = Path(__file__).with_name("foreign_mcp_tool.py")
 
 
-def backend() -> McpBackend:
+def backend(probe_interval_s: float = 5.0) -> McpBackend:
     return McpBackend(
         McpBackendSettings(
             backend_id="foreign",
@@ -25,6 +25,7 @@ def backend() -> McpBackend:
             tool="ask",
             arguments={"prompt": "question", "max_tokens": "length"},
             models=("echo-tool",),
+            probe_interval_s=probe_interval_s,
         )
     )
 
@@ -44,6 +45,19 @@ async def test_a_foreign_tool_answers_through_the_argument_mapping(nursery: trio
     assert await answer(b, "what is the capital of France") == "what is the"  # max_tokens -> length
     with pytest.raises(ModelNotFoundError, match="no such model"):  # the code in its message maps
         await answer(b, "a forbidden question")
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_the_idle_session_probe_keeps_the_session(nursery: trio.Nursery) -> None:
+    # The probe must be something every protocol version answers: `ping`, removed in
+    # 2026-07-28, is "method not found" there, and the session was torn down mid-request.
+    b = backend(probe_interval_s=0.05)
+    await nursery.start(b.run)
+    for _ in range(5):
+        await trio.sleep(0.2)
+        assert await answer(b, "still there") == "still there"
+        assert b.status is BackendStatus.HEALTHY, b.status_detail
     nursery.cancel_scope.cancel()
 
 
