@@ -28,6 +28,11 @@ class StreamBroken(Exception):
     """The stream was reset, closed under us, or timed out."""
 
 
+class PeerSilent(StreamBroken):
+    """Nothing came from the peer for the whole read timeout: after a silent partition
+    (no FIN, no RST) this is the only sign that the connection under the stream is dead."""
+
+
 class FramedStream:
     def __init__(self, stream: StreamLike, read_timeout_s: float = 30.0, write_timeout_s: float = 10.0) -> None:
         self.stream = stream
@@ -58,7 +63,7 @@ class FramedStream:
                 self._ready.extend(self._decoder.feed(data))
             return self._ready.pop(0)
         assert scope.cancelled_caught
-        raise StreamBroken("timed out waiting for the peer")
+        raise PeerSilent("timed out waiting for the peer")
 
     async def send(self, message: dict[str, Any]) -> None:
         frame = wire.encode(message)

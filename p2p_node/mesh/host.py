@@ -7,6 +7,14 @@ Noise only (a listener would otherwise accept plaintext), one connection per pee
 host serving), timeouts on every read (a silent peer must not hang us), explicit done /
 error frames (a peer going away looks like a clean EOF).
 
+Healing after a partition (issue 4) rests on three rules. We dial a peer at the address it
+was found at, never through libp2p's peerstore: identify overwrites that with what the peer
+announces (py-libp2p announces a wildcard listener as 0.0.0.0, which each dialer reaches as
+itself), and a failed dial bars the peer for 60 s. We announce dialable addresses, so the
+peerstore that libp2p's own dials use is right too. And an advert stream silent for the
+advert TTL means the connections under it are dead: both sides close them, so nothing
+(redials, inference requests) can pick them again.
+
 The host knows nothing of backends: `serve` (a request frame → an async iterator of reply
 frames) and `local_advert` (what this node offers now) are injected by the node.
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,11 +44,16 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from p2p_node.mesh import wire
-from p2p_node.mesh.framed import FramedStream, StreamBroken
+from p2p_node.mesh.framed import FramedStream, PeerSilent, StreamBroken
 from p2p_node.mesh.identity import peer_id_of
 from p2p_node.mesh.mdns import interface_addresses
 
 log = logging.getLogger(__name__)
+
+# Closing a connection to a dead peer may wait on writes that never drain.
+CLOSE_TIMEOUT_S = 3.0
+# How long an address we dialed stays in libp2p's peerstore (its own dials may use it).
+PEERSTORE_TTL_S = 600
 
 ServeFn = Callable[[dict[str, Any], str], AsyncGenerator[dict[str, Any], None]]
 AdvertFn = Callable[[], dict[str, Any]]
@@ -58,6 +72,7 @@ class MeshSettings:
     advert_ttl_s: float = 15.0  # a peer silent this long is forgotten
     request_first_frame_timeout_s: float = 10.0
     reconnect_max_backoff_s: float = 10.0
+    dial_timeout_s: float = 10.0  # a dial and the first stream on it
 
 
 @dataclass
@@ -92,6 +107,9 @@ class MeshHost:
         self._host: Any = None
         self._nursery: trio.Nursery | None = None
         self._dialing: set[str] = set()
+        self._targets: dict[str, str] = {}  # peer id → the address its keeper dials
+        self._redial_now: dict[str, trio.Event] = {}
+        self._advert_streams: dict[str, int] = {}  # peer id → advert streams open with it
         self._advert_seq = 0
         self._last_advert_body: dict[str, Any] | None = None
 
@@ -106,6 +124,7 @@ class MeshHost:
             muxer_preference="YAMUX",
             connection_config=ConnectionConfig(max_connections_per_peer=1),
             psk=psk,
+            addrs_factory=_announceable,
         )
         self._host.set_stream_handler(TProtocol(wire.INFERENCE_PROTOCOL), self._guarded(self._handle_inference))
         self._host.set_stream_handler(TProtocol(wire.ADVERT_PROTOCOL), self._guarded(self._handle_advert))
@@ -126,46 +145,113 @@ class MeshHost:
 
     def connect(self, address: str) -> None:
         """Keep a connection to the peer at `address` (a /p2p/ multiaddr), redialing with
-        backoff while it's unreachable. Idempotent per peer."""
+        backoff while it's unreachable. One keeper per peer: a later address for a peer
+        (found again by mDNS, or moved) replaces the one it dials and cuts its wait short."""
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(address))
         except Exception as exc:
             log.warning("ignoring peer address %s: %s", address, exc)
             return
         peer = str(info.peer_id)
-        if peer == self.peer_id or peer in self._dialing or self._nursery is None:
+        if peer == self.peer_id or self._nursery is None:
+            return
+        self._targets[peer] = address
+        if peer in self._dialing:
+            self._redial_now[peer].set()
             return
         self._dialing.add(peer)
-        self._nursery.start_soon(self._keep_connected, info, address)
+        self._redial_now[peer] = trio.Event()
+        self._nursery.start_soon(self._keep_connected, peer)
 
-    async def _keep_connected(self, info: Any, address: str) -> None:
-        peer = str(info.peer_id)
+    async def _keep_connected(self, peer: str) -> None:
+        peer_id = ID.from_base58(peer)
         backoff = 0.5
         try:
             while True:
+                address = self._targets[peer]
                 try:
-                    with trio.fail_after(10):
-                        await self._host.connect(info)
-                        stream = await self._host.new_stream(info.peer_id, [TProtocol(wire.ADVERT_PROTOCOL)])
+                    stream = await self._open_advert_stream(peer_id, address)
+                except Exception as exc:  # unreachable, refused, timed out: try again later
+                    log.debug("peer %s at %s: %s", peer, address, _describe(exc))
+                else:
                     backoff = 0.5
                     log.info("connected to peer %s at %s", peer, address)
-                    await self._exchange_adverts(FramedStream(stream), peer)
-                except Exception as exc:  # unreachable, refused, reset: try again later
-                    log.debug("peer %s at %s: %s", peer, address, exc)
-                    # A connection that died silently (a partition: no FIN, no RST) still
-                    # looks open to the swarm, and every redial would reuse it: drop it.
-                    with trio.move_on_after(2):
-                        try:
-                            await self._host.disconnect(info.peer_id)
-                        except Exception:
-                            pass
-                state = self.peers.get(peer)
-                if state is not None:
-                    state.connected = False
-                await trio.sleep(backoff)
+                    try:
+                        outcome = await self._exchange_adverts(FramedStream(stream), peer)
+                    except Exception as exc:  # a bug here must not take the whole host down
+                        outcome = _describe(exc)
+                    log.info("advert stream with peer %s ended: %s", peer, outcome)
+                # Found again meanwhile (mDNS, a new address): no point waiting out the backoff.
+                if not self._redial_now[peer].is_set():
+                    with trio.move_on_after(backoff):
+                        await self._redial_now[peer].wait()
+                self._redial_now[peer] = trio.Event()
                 backoff = min(backoff * 2, self.settings.reconnect_max_backoff_s)
         finally:
             self._dialing.discard(peer)
+            self._redial_now.pop(peer, None)
+
+    async def _open_advert_stream(self, peer_id: ID, address: str) -> Any:
+        tried: list[Any] = []
+        try:
+            with trio.fail_after(self.settings.dial_timeout_s):
+                if not self._connections(peer_id):
+                    await self._dial(peer_id, address)
+                tried = self._connections(peer_id)
+                return await self._host.new_stream(peer_id, [TProtocol(wire.ADVERT_PROTOCOL)])
+        except Exception:
+            # A connection that opens no stream is dead or wedged; left registered, every
+            # redial and every inference request would pick it again.
+            await self._close_connections(tried)
+            raise
+
+    async def _dial(self, peer_id: ID, address: str) -> None:
+        """Dial exactly `address`, not `host.connect`: that dials the first address in the
+        peerstore (identify's, not ours) and bars a peer for 60 s after a failed dial,
+        while our keeper has its own backoff."""
+        maddr = multiaddr.Multiaddr(address)
+        self._host.get_peerstore().add_addrs(peer_id, info_from_p2p_addr(maddr).addrs, PEERSTORE_TTL_S)
+        network = self._host.get_network()
+        await network.dial_addr(maddr, peer_id)
+        network.unblock_peer(peer_id)  # libp2p's own dials (a request's new_stream) may go again
+
+    def _connections(self, peer_id: ID) -> list[Any]:
+        """Live connections to the peer. A closed one still registered (a close cut short)
+        is dropped from the swarm: `host.connect` would take it for a live one."""
+        network = self._host.get_network()
+        live = []
+        for conn in network.get_connections(peer_id):
+            if conn.is_closed:
+                network.remove_conn(conn)
+            else:
+                live.append(conn)
+        return live
+
+    async def _close_connections(self, connections: list[Any]) -> None:
+        if not connections:
+            return
+        # Shielded, with a deadline of its own: a close cut short by our caller's
+        # cancellation would leave the connection registered.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S):
+            for conn in connections:
+                try:
+                    await conn.close()
+                except Exception as exc:
+                    log.debug("closing a connection to %s: %s", conn.muxed_conn.peer_id, exc)
+        network = self._host.get_network()
+        for conn in connections:
+            if conn in network.get_connections(conn.muxed_conn.peer_id):
+                network.remove_conn(conn)
+
+    async def _drop_silent_connections(self, peer: str) -> None:
+        """The peer said nothing for the advert TTL: every connection to it that is older
+        than that silence is dead (a silent partition leaves no FIN, no RST). One opened
+        since (the peer already redialed) is kept."""
+        cutoff = time.time() - self.settings.advert_ttl_s
+        stale = [c for c in self._connections(ID.from_base58(peer)) if getattr(c, "_created_at", 0.0) <= cutoff]
+        if stale:
+            log.info("closing %d silent connection(s) to peer %s", len(stale), peer)
+        await self._close_connections(stale)
 
     def _guarded(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
         async def guarded(stream: Any) -> None:
@@ -188,7 +274,8 @@ class MeshHost:
             log.warning("refused advert stream from peer %s (not in the allow-list)", peer)
             await FramedStream(stream).reset()
             return
-        await self._exchange_adverts(FramedStream(stream), peer)
+        outcome = await self._exchange_adverts(FramedStream(stream), peer)
+        log.debug("advert stream from peer %s ended: %s", peer, outcome)
 
     def current_advert(self) -> dict[str, Any]:
         body = self._local_advert()
@@ -197,18 +284,49 @@ class MeshHost:
             self._advert_seq += 1
         return {"t": wire.ADVERT, "peer_id": self.peer_id, "seq": self._advert_seq, "addrs": self.addrs, **body}
 
-    async def _exchange_adverts(self, framed: FramedStream, peer: str) -> None:
-        state = self.peers.setdefault(peer, PeerState(peer))
-        state.connected = True
+    async def _exchange_adverts(self, framed: FramedStream, peer: str) -> str:
+        """Adverts and pings both ways until the stream ends; returns why it ended."""
+        self._advert_streams[peer] = self._advert_streams.get(peer, 0) + 1
+        self._state(peer)
         pings: dict[int, float] = {}
+        outcome = "closed by the peer"
+        silent = False
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._push_adverts, framed, pings)
-                await self._read_adverts(framed, peer, state, pings)
+
+                async def push() -> None:
+                    nonlocal outcome
+                    try:
+                        await self._push_adverts(framed, pings)
+                    except StreamBroken as exc:
+                        outcome = str(exc)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(push)
+                try:
+                    await self._read_adverts(framed, peer, pings)
+                except PeerSilent as exc:
+                    outcome, silent = f"{exc} (silent for {self.settings.advert_ttl_s:g}s)", True
+                except (StreamBroken, wire.WireError) as exc:
+                    outcome = str(exc)
                 nursery.cancel_scope.cancel()
         finally:
-            state.connected = False
+            self._advert_streams[peer] -= 1
+            if not self._advert_streams[peer]:
+                del self._advert_streams[peer]
+                if peer in self.peers:
+                    self.peers[peer].connected = False
             await framed.reset()
+        if silent:
+            await self._drop_silent_connections(peer)
+        return outcome
+
+    def _state(self, peer: str) -> PeerState:
+        state = self.peers.get(peer)
+        if state is None:
+            state = self.peers[peer] = PeerState(peer)
+        state.connected = peer in self._advert_streams
+        return state
 
     async def _push_adverts(self, framed: FramedStream, pings: dict[int, float]) -> None:
         sent_seq = -1
@@ -226,7 +344,7 @@ class MeshHost:
                 await framed.send({"t": wire.PING, "n": ping_n})
             await trio.sleep(self.settings.advert_interval_s)
 
-    async def _read_adverts(self, framed: FramedStream, peer: str, state: PeerState, pings: dict[int, float]) -> None:
+    async def _read_adverts(self, framed: FramedStream, peer: str, pings: dict[int, float]) -> None:
         while True:
             message = await framed.receive(timeout_s=self.settings.advert_ttl_s)
             if message is None:
@@ -236,12 +354,16 @@ class MeshHost:
                 await framed.send({"t": wire.PONG, "n": message["n"]})
             elif kind == wire.PONG:
                 sent = pings.pop(message["n"], None)
-                if sent is not None:
+                state = self.peers.get(peer)
+                if sent is not None and state is not None:
                     sample = trio.current_time() - sent
                     state.rtt_s = sample if state.rtt_s is None else 0.8 * state.rtt_s + 0.2 * sample
             elif kind == wire.ADVERT:
                 if message["peer_id"] != peer:  # a peer may only speak for itself
                     raise StreamBroken(f"peer {peer} sent an advert for {message['peer_id']}")
+                # Looked up again: the peer may have been forgotten while this stream was
+                # silent (a partition that healed before the read timed out).
+                state = self._state(peer)
                 capabilities_changed = _capabilities(message) != _capabilities(state.advert)
                 state.advert, state.advert_at = message, trio.current_time()
                 state.addrs = [str(a) for a in message.get("addrs", [])]
@@ -331,8 +453,16 @@ class MeshHost:
         Leaving the block early (cancellation, error) cancels the request at the peer."""
         if self._host is None:
             raise StreamBroken("the mesh is not running")
-        with trio.fail_after(10):
-            stream = await self._host.new_stream(ID.from_base58(peer), [TProtocol(wire.INFERENCE_PROTOCOL)])
+        peer_id = ID.from_base58(peer)
+        try:
+            with trio.fail_after(self.settings.dial_timeout_s):
+                # Left to libp2p, a connection still closing (dropped as silent a moment
+                # ago) fails the request instead of being replaced by a fresh one.
+                if not self._connections(peer_id) and peer in self._targets:
+                    await self._dial(peer_id, self._targets[peer])
+                stream = await self._host.new_stream(peer_id, [TProtocol(wire.INFERENCE_PROTOCOL)])
+        except Exception as exc:  # libp2p's own errors, a dial refused, a timeout
+            raise StreamBroken(f"no stream to peer {peer}: {_describe(exc)}") from None
         framed = FramedStream(stream)
         finished = False
         try:
@@ -375,6 +505,21 @@ class MeshHost:
 def _capabilities(advert: dict[str, Any]) -> Any:
     """What, in an advert, changes the peer's backend (not its load)."""
     return (advert.get("models"), advert.get("backend_types"), advert.get("hardware"))
+
+
+def _announceable(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """What identify tells peers to dial us at (libp2p calls this on every identify).
+    py-libp2p would announce a wildcard listener as is, and a peer dialing 0.0.0.0 reaches
+    itself; the peer's libp2p then fails the Noise handshake (wrong peer id) on every dial."""
+    dialable = _dialable([str(a) for a in addrs], interface_addresses())
+    return [multiaddr.Multiaddr(a) for a in dialable if not a.startswith("/ip6/::/")]
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a log line: trio's one-exception groups say nothing themselves."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _dialable(addrs: list[str], local_ips: list[str]) -> list[str]:

@@ -22,6 +22,8 @@ import httpx
 
 from tests.conftest import REPO_ROOT, node_env
 
+MULTICAST = "224.0.0.0/4"  # mDNS sends to 224.0.0.251: without a route they fail
+
 
 def available() -> bool:
     if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -46,6 +48,10 @@ class Host:
 
     def link(self, up: bool) -> None:
         ip("-n", self.name, "link", "set", self.veth, "up" if up else "down")
+        if up:
+            # Setting a link down flushes its routes; up restores only the subnet's. Without
+            # the multicast route the healed host could no longer send mDNS.
+            ip("-n", self.name, "route", "replace", MULTICAST, "dev", self.veth)
 
 
 @dataclass
@@ -85,7 +91,7 @@ def bridge_with_hosts(count: int) -> Iterator[list[Host]]:
             ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", host.veth)
             ip("-n", host.name, "link", "set", host.veth, "up")
             ip("-n", host.name, "link", "set", "lo", "up")
-            ip("-n", host.name, "route", "add", "224.0.0.0/4", "dev", host.veth)
+            ip("-n", host.name, "route", "add", MULTICAST, "dev", host.veth)
         yield hosts
     finally:
         for host in hosts:

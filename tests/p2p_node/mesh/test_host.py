@@ -4,15 +4,17 @@ streams, cancellation, misbehaving peers."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 
 from p2p_node.mesh import wire
 from p2p_node.mesh.framed import FramedStream, StreamBroken
-from p2p_node.mesh.host import MeshHost, MeshSettings
+from p2p_node.mesh.host import MeshHost, MeshSettings, tcp_port
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -45,7 +47,7 @@ async def start_host(
     nursery: trio.Nursery, serve: Served | None = None, models: list[str] | None = None, **settings: Any
 ) -> MeshHost:
     host = MeshHost(
-        MeshSettings(listen=LOOPBACK, advert_interval_s=0.1, keepalive_s=0.5, **settings),
+        MeshSettings(**{"listen": LOOPBACK, "advert_interval_s": 0.1, "keepalive_s": 0.5, **settings}),
         create_new_key_pair(),
         serve or Served(),
         advert_of(models or []),
@@ -132,7 +134,6 @@ async def test_malformed_first_frames_get_an_error_and_the_host_keeps_serving(
     b = await start_host(nursery, bootstrap=[a.addrs[0]])
     await wait_until(lambda: a.peer_id in b.peers and b.peers[a.peer_id].advert)
     from libp2p.custom_types import TProtocol
-    from libp2p.peer.id import ID
 
     raw = await b._host.new_stream(ID.from_base58(a.peer_id), [TProtocol(wire.INFERENCE_PROTOCOL)])
     await raw.write(garbage)
@@ -150,7 +151,6 @@ async def test_a_peer_that_stops_mid_frame_times_out_instead_of_hanging(nursery:
     b = await start_host(nursery, bootstrap=[a.addrs[0]])
     await wait_until(lambda: a.peer_id in b.peers and b.peers[a.peer_id].advert)
     from libp2p.custom_types import TProtocol
-    from libp2p.peer.id import ID
 
     raw = await b._host.new_stream(ID.from_base58(a.peer_id), [TProtocol(wire.INFERENCE_PROTOCOL)])
     await raw.write(wire.encode(wire.request("r", "chat", "m", {}, []))[:7])  # half a frame, then silence
@@ -196,3 +196,121 @@ async def test_a_peer_that_never_reads_cannot_wedge_the_server(nursery: trio.Nur
         # Never read: the server's writes stall; its write timeout must end the request.
         await wait_until(lambda: served.closed == 1, timeout=40)
     assert (await collect(b, a.peer_id, "still serving", "after"))[-1]["t"] == wire.DONE
+
+
+class PartitionableLink:
+    """A TCP relay standing for the network between two hosts. `cut()` makes it a silent
+    partition: bytes in flight vanish, nobody sees a FIN or a RST, and connections opened
+    meanwhile are accepted and then hear nothing. `heal()` lets new connections through;
+    those that lived through the cut stay dead."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.generation = 0  # bumped by every cut: a connection from before it stays dead
+        self.partitioned = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, self._relay, 0, host="127.0.0.1"))
+            self.port = listeners[0].socket.getsockname()[1]
+            task_status.started()
+
+    def cut(self) -> None:
+        self.partitioned = True
+        self.generation += 1
+
+    def heal(self) -> None:
+        self.partitioned = False
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        generation = self.generation
+        async with client:
+            if self.partitioned:
+                await trio.sleep_forever()
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            async with upstream, trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, upstream, generation, nursery.cancel_scope)
+                nursery.start_soon(self._pump, upstream, client, generation, nursery.cancel_scope)
+
+    async def _pump(
+        self, source: trio.SocketStream, sink: trio.SocketStream, generation: int, both: trio.CancelScope
+    ) -> None:
+        def alive() -> bool:
+            return generation == self.generation and not self.partitioned
+
+        try:
+            while data := await source.receive_some(65536):
+                if alive():
+                    await sink.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+        if alive():
+            both.cancel()  # a clean close passes through; a cut one never arrives
+
+
+HEALING: dict[str, Any] = {"advert_ttl_s": 1.5, "dial_timeout_s": 1.0, "reconnect_max_backoff_s": 0.5}
+
+
+def advertising(a: MeshHost, b: MeshHost) -> bool:
+    return bool(
+        a.peer_id in b.peers and b.peers[a.peer_id].advert and b.peer_id in a.peers and a.peers[b.peer_id].advert
+    )
+
+
+def connections(host: MeshHost, peer: MeshHost) -> list[Any]:
+    return list(host._host.get_network().get_connections(ID.from_base58(peer.peer_id)))
+
+
+async def test_a_silent_partition_drops_the_dead_connection_on_both_sides_and_heals(nursery: trio.Nursery) -> None:
+    a = await start_host(nursery, models=["alpha"], **HEALING)
+    link = PartitionableLink(tcp_port(a.addrs))
+    await nursery.start(link.run)
+    b = await start_host(
+        nursery, models=["beta"], bootstrap=[f"/ip4/127.0.0.1/tcp/{link.port}/p2p/{a.peer_id}"], **HEALING
+    )
+    await wait_until(lambda: advertising(a, b))
+
+    link.cut()
+    await wait_until(lambda: a.peer_id not in b.peers and b.peer_id not in a.peers)
+    # Both ends closed the silent connection, the listening end included: nothing dead is
+    # left for a redial or a request to pick. And B's redials went through the link (the
+    # address A was found at), not around it to the address A's identify announced.
+    await wait_until(lambda: not connections(a, b) and not connections(b, a), timeout=5)
+    await trio.sleep(1.0)  # several redials, all into the partition
+    assert not connections(a, b) and a.peer_id not in b.peers
+
+    link.heal()
+    await wait_until(lambda: advertising(a, b))
+    assert (await collect(b, a.peer_id, "asked through the healed link"))[-1]["t"] == wire.DONE
+    assert (await collect(a, b.peer_id, "and back"))[-1]["t"] == wire.DONE
+
+
+async def test_a_wildcard_listener_announces_addresses_its_peers_can_dial(nursery: trio.Nursery) -> None:
+    # py-libp2p announces 0.0.0.0 as is; a peer that dials it reaches itself (issue 4).
+    a = await start_host(nursery, listen=["/ip4/0.0.0.0/tcp/0"])
+    b = await start_host(nursery, bootstrap=[a.addrs[-1]])
+    peerstore = b._host.get_peerstore()
+    a_id = ID.from_base58(a.peer_id)
+
+    def identified() -> bool:
+        try:
+            return wire.ADVERT_PROTOCOL in peerstore.get_protocols(a_id)
+        except Exception:
+            return False
+
+    await wait_until(identified)
+    announced = {str(addr).split("/p2p/")[0] for addr in peerstore.addrs(a_id)}
+    assert announced == {addr.split("/p2p/")[0] for addr in a.addrs}
+    assert not any(addr.startswith("/ip4/0.0.0.0/") for addr in announced)
+
+
+async def test_a_request_made_while_the_connection_closes_goes_over_a_fresh_one(nursery: trio.Nursery) -> None:
+    a = await start_host(nursery)
+    b = await start_host(nursery, bootstrap=[a.addrs[0]])
+    await wait_until(lambda: advertising(a, b))
+    (closing,) = connections(b, a)
+    nursery.start_soon(closing.close)
+    await closing.event_closed.wait()  # set as the close begins: for a few ms it's still registered
+    assert closing in connections(b, a)
+    assert (await collect(b, a.peer_id, "still answered"))[-1]["t"] == wire.DONE
