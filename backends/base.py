@@ -88,6 +88,12 @@ class Backend(abc.ABC):
     def endpoint(self) -> str | None:
         return None
 
+    @property
+    def is_peer(self) -> bool:
+        """Reaches another node of the mesh. A request that came from a peer is never sent
+        to one again: that is what keeps forwarding free of loops."""
+        return self.backend_type is BackendType.P2P
+
     def queue_size(self) -> int:
         """Requests accepted by the backend but not yet being served."""
         return 0

@@ -6,6 +6,11 @@ first, then by measured time to first token (an unmeasured child is tried before
 measured slow one, so every protocol gets measured), and moves to the next protocol when
 one fails before output. The manager sees one backend, with the capabilities of the
 children together, so routing strategies weigh the node once, not once per protocol.
+
+A failover continuation (a request that carries the answer so far) only goes to children
+that can take one. When `capabilities_from` names a child, what that child says the node
+serves is what the hybrid offers (a peer's advert: the node's own models, not everything
+its HTTP API would forward elsewhere); the other protocols are ways to reach it.
 """
 
 from __future__ import annotations
@@ -42,11 +47,20 @@ T = TypeVar("T")
 class HybridBackend(Backend):
     backend_type = BackendType.HYBRID
 
-    def __init__(self, backend_id: str, children: Sequence[Backend], name: str | None = None) -> None:
+    def __init__(
+        self,
+        backend_id: str,
+        children: Sequence[Backend],
+        name: str | None = None,
+        capabilities_from: Backend | None = None,
+    ) -> None:
         if not children:
             raise ValueError(f"hybrid backend {backend_id!r} needs at least one protocol")
+        if capabilities_from is not None and capabilities_from not in children:
+            raise ValueError(f"hybrid backend {backend_id!r}: capabilities_from must be one of its protocols")
         super().__init__(backend_id, name)
         self.children = list(children)
+        self._authority = capabilities_from
         self._ttft = {child.id: Ewma(tau_s=30.0, peak=True) for child in self.children}
         self._failures = {child.id: 0 for child in self.children}
 
@@ -84,12 +98,17 @@ class HybridBackend(Backend):
     # ---- what it offers ----------------------------------------------------------------
 
     @property
+    def is_peer(self) -> bool:
+        return any(child.is_peer for child in self.children)
+
+    @property
     def capabilities(self) -> Capabilities:
         caps = [c.capabilities for c in self.children]
-        cards = {(card.id, card.task): card for cap in caps for card in cap.models}
-        windows = [cap.context_window for cap in caps if cap.context_window]
+        served = [self._authority.capabilities] if self._authority is not None else caps
+        cards = {(card.id, card.task): card for cap in served for card in cap.models}
+        windows = [cap.context_window for cap in served if cap.context_window]
         return Capabilities(
-            tasks=frozenset(t for cap in caps for t in cap.tasks),
+            tasks=frozenset(t for cap in served for t in cap.tasks),
             models=tuple(cards.values()),
             streaming=any(cap.streaming for cap in caps),
             batching=any(cap.batching for cap in caps),
@@ -116,9 +135,15 @@ class HybridBackend(Backend):
             "endpoint": child.endpoint,
         }
 
-    def preference(self, task: object, model: str) -> list[Backend]:
-        """Children able to serve, best first: routable, then fastest measured (unmeasured first)."""
-        able = [c for c in self.children if c.capabilities.serves(task, model)]  # type: ignore[arg-type]
+    def preference(self, task: object, model: str, continuation: bool = False) -> list[Backend]:
+        """Children able to serve, best first: routable, then fastest measured (unmeasured first).
+        A continuation goes only to children that can take one."""
+        able = [
+            c
+            for c in self.children
+            if c.capabilities.serves(task, model)  # type: ignore[arg-type]
+            and (c.capabilities.continuation or not continuation)
+        ]
 
         def key(child: Backend) -> tuple[int, float]:
             ttft = self._ttft[child.id].value
@@ -130,7 +155,7 @@ class HybridBackend(Backend):
 
     async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
         last: BaseException | None = None
-        for child in self.preference(request.task, request.model):
+        for child in self.preference(request.task, request.model, request.continuation is not None):
             started = trio.current_time()
             emitted = False
             try:

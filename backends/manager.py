@@ -43,7 +43,6 @@ from backends.strategies import (
 )
 from backends.types import (
     BackendStatus,
-    BackendType,
     EmbeddingRequest,
     EmbeddingResult,
     GenerationChunk,
@@ -202,7 +201,7 @@ class BackendManager:
             for b in self._backends.values()
             if b.id not in exclude
             and b.capabilities.serves(task, model)
-            and (allow_peers or b.backend_type is not BackendType.P2P)
+            and (allow_peers or not b.is_peer)
             and (b.capabilities.continuation or not need_continuation)
         ]
         if min_context_window:
@@ -213,7 +212,11 @@ class BackendManager:
                 if _context_window(b, task, model) in (0,) or _context_window(b, task, model) > min_context_window
             ]
         if not serving:
-            raise BackendUnavailableError(f"no backend is available for {task.value} with model {model!r}")
+            message = f"no backend is available for {task.value} with model {model!r}"
+            peers_serve = any(b.is_peer and b.capabilities.serves(task, model) for b in self._backends.values())
+            if not allow_peers and peers_serve:
+                message += " on this node (only its peers serve it, and a request from a peer is not forwarded again)"
+            raise BackendUnavailableError(message)
         now = trio.current_time()
         closed = [b for b in serving if not self._breakers[b.id].is_open(now)]
         # If every candidate is marked down or ejected, try them anyway: a stale verdict

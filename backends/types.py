@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -249,3 +250,17 @@ class RequestContext:
     deadline: float | None = None
     hops: tuple[str, ...] = ()
     served_by: str | None = None  # set by the manager to the backend that took the request
+
+
+# Hops over HTTP (and in WebSocket messages): the node ids a request passed through, so that
+# a node reached by a peer over HTTP serves it here and never forwards it again.
+HOPS_HEADER = "x-p2p-node-hops"
+MAX_HOPS = 16
+
+
+def parse_hops(value: str | Sequence[object] | None) -> tuple[str, ...]:
+    """Hops as a header (comma-separated) or a list; bounded, blanks dropped."""
+    if not value:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return tuple(h.strip()[:128] for h in items if h.strip())[:MAX_HOPS]

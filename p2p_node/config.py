@@ -108,6 +108,10 @@ class DiscoveryConfig(_Section):
     timeout: float = Field(default=1.0, gt=0)
 
 
+PeerProtocol = Literal["http", "websocket"]
+_PEER_PROTOCOLS: tuple[PeerProtocol, ...] = ("http", "websocket")
+
+
 class MeshConfig(_Section):
     """Joining the mesh of nodes over libp2p."""
 
@@ -119,6 +123,13 @@ class MeshConfig(_Section):
     identity_key: Path = Path("~/.config/p2p-node/identity.key")
     secret: str | None = None  # a private mesh: nodes without it can't connect
     allow_peers: list[str] = Field(default_factory=list)  # empty: any peer (with the secret, if set)
+    # Peers are always reached over libp2p; these too, when a peer advertises a reachable HTTP
+    # API (bound beyond loopback, or on this machine, and without API keys). Per request the
+    # fastest working one is used, and another takes over when one fails.
+    peer_protocols: list[PeerProtocol] = Field(default_factory=lambda: list(_PEER_PROTOCOLS))
+    # The URL peers should use for this node's HTTP API (behind a proxy or NAT); by default
+    # they use the address they reach the node's mesh host at, with the API's port.
+    public_url: str | None = None
 
     @field_validator("identity_key")
     @classmethod
@@ -237,6 +248,8 @@ _ENV: list[tuple[str, str, str, Any]] = [
     ("P2P_NODE_IDENTITY_KEY", "mesh", "identity_key", str),
     ("P2P_NODE_MESH_SECRET", "mesh", "secret", str),
     ("P2P_NODE_ALLOW_PEERS", "mesh", "allow_peers", _csv),
+    ("P2P_NODE_PEER_PROTOCOLS", "mesh", "peer_protocols", _csv),
+    ("P2P_NODE_PUBLIC_URL", "mesh", "public_url", str),
     ("P2P_NODE_MCP_ENABLED", "mcp", "enabled", _bool),
     ("P2P_NODE_MCP_ALLOWED_HOSTS", "mcp", "allowed_hosts", _csv),
     ("P2P_NODE_MCP_ALLOWED_ORIGINS", "mcp", "allowed_origins", _csv),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+from urllib.parse import urlsplit
 
 import hypercorn.config
 import hypercorn.trio
@@ -110,7 +111,13 @@ class Node:
             self.manager.register(build_backend(backend_config))
         # Measured once: nvidia-smi and friends are slow, and hardware doesn't change under us.
         self.hardware = detect_hardware().as_dict()
-        self.peering = Peering(self.manager, self.version, sorted({self.local.device.split(":")[0]}))
+        self.peering = Peering(
+            self.manager,
+            self.version,
+            sorted({self.local.device.split(":")[0]}),
+            api_advert=self.api_advert,
+            peer_protocols=tuple(config.mesh.peer_protocols),
+        )
         self.mesh: MeshHost | None = None
         if config.mesh.enabled:
             try:
@@ -264,6 +271,22 @@ class Node:
             "mesh": self.peering.status(),
             "hardware": self.hardware,
         }
+
+    def api_advert(self) -> dict[str, Any] | None:
+        """Where peers can reach this node's HTTP API and WebSocket (in its capability advert)."""
+        if not self.addresses.http:
+            return None  # not listening yet
+        port = urlsplit(self.addresses.http[0]).port
+        advert: dict[str, Any] = {
+            "port": port,
+            "protocols": ["http", "websocket"],
+            "auth": bool(self.config.server.api_keys),  # peers hold no keys: they won't use it
+        }
+        if self.config.server.host not in ("0.0.0.0", "::", ""):
+            advert["host"] = self.config.server.host
+        if self.config.mesh.public_url:
+            advert["url"] = self.config.mesh.public_url
+        return advert
 
     def inference_health(self) -> dict[str, Any]:
         """Seed 002's `/v1/health/inference`: the primary provider and each fallback."""

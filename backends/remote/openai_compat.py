@@ -23,6 +23,7 @@ from backends.base import Backend
 from backends.errors import BackendFailedError, BackendUnavailableError, InferenceError
 from backends.remote._http import make_client, raise_for_status, translate_errors
 from backends.types import (
+    HOPS_HEADER,
     BackendStatus,
     BackendType,
     Capabilities,
@@ -62,6 +63,12 @@ class OpenAIBackendSettings:
     backend_type: BackendType = BackendType.API
     name: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # Ask for each streamed token's id (vLLM's `return_token_ids`, p2p-node has it too), so a
+    # failover can continue this backend's answer exactly. Servers without it refuse the field.
+    return_token_ids: bool = False
+    # Set when the upstream is a peer of the mesh reached over HTTP: this node's id, sent with
+    # the hops so far, so the peer serves the request itself and never forwards it back.
+    mesh_hop: str | None = None
 
 
 class OpenAICompatibleBackend(Backend):
@@ -148,7 +155,10 @@ class OpenAICompatibleBackend(Backend):
         return self._client
 
     def _request_headers(self, ctx: RequestContext) -> dict[str, str]:
-        return {"x-request-id": ctx.request_id}
+        headers = {"x-request-id": ctx.request_id}
+        if self.settings.mesh_hop is not None:
+            headers[HOPS_HEADER] = ",".join([*ctx.hops, self.settings.mesh_hop])
+        return headers
 
     def _timeout(self, ctx: RequestContext) -> httpx.Timeout:
         total = self.settings.timeout_s
@@ -172,6 +182,8 @@ class OpenAICompatibleBackend(Backend):
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if self.settings.return_token_ids:
+            body["return_token_ids"] = True
         if isinstance(request, ChatRequest):
             path = "/chat/completions"
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -259,7 +271,9 @@ async def _parse_sse(response: httpx.Response, backend_id: str, *, chat: bool) -
             text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
             if text:
                 content_chunks += 1
-                yield GenerationChunk(text)
+                ids = choice.get("token_ids")
+                token_ids = tuple(int(i) for i in ids) if isinstance(ids, list) else ()
+                yield GenerationChunk(text, token_ids=token_ids)
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
     if done:

@@ -55,6 +55,9 @@ class WebSocketBackendSettings:
     ping_interval_s: float = 5.0
     reconnect_max_backoff_s: float = 30.0
     name: str | None = None
+    # Set when the remote is a peer of the mesh: this node's id, sent with the hops so far,
+    # so the peer serves the request itself and never forwards it back.
+    mesh_hop: str | None = None
 
 
 class WebSocketBackend(Backend):
@@ -221,8 +224,10 @@ class WebSocketBackend(Backend):
 
     # ---- inference -----------------------------------------------------------------------
 
-    def _inference(self, request_id: str, request: Any) -> dict[str, Any]:
+    def _inference(self, request_id: str, request: Any, ctx: RequestContext) -> dict[str, Any]:
         message: dict[str, Any] = {"type": "inference", "request_id": request_id, "model": request.model}
+        if self.settings.mesh_hop is not None:
+            message["hops"] = [*ctx.hops, self.settings.mesh_hop]
         if isinstance(request, EmbeddingRequest):
             message.update(task="embedding", inputs=list(request.inputs))
         elif isinstance(request, RerankRequest):
@@ -241,7 +246,8 @@ class WebSocketBackend(Backend):
                 message.update(task="chat", inputs=[{"role": m.role, "content": m.content} for m in request.messages])
             else:
                 message.update(task="completion", inputs=request.prompt)
-            message.update(parameters=parameters, stream=True)
+            # Token ids let a failover continue this answer exactly; servers without them ignore it.
+            message.update(parameters=parameters, stream=True, return_token_ids=True)
         return message
 
     async def _exchange(self, request: Any, ctx: RequestContext) -> AsyncGenerator[dict[str, Any], None]:
@@ -255,7 +261,7 @@ class WebSocketBackend(Backend):
         finished = False
         try:
             try:
-                await ws.send_message(json.dumps(self._inference(request_id, request)))
+                await ws.send_message(json.dumps(self._inference(request_id, request, ctx)))
             except ConnectionClosed as exc:
                 raise BackendUnavailableError(f"backend {self.id}: connection closed ({exc})") from None
             async for reply in receive:
@@ -288,7 +294,9 @@ class WebSocketBackend(Backend):
                 kind = reply.get("type")
                 if kind == "inference_chunk" and reply.get("chunk"):
                     emitted = True
-                    yield GenerationChunk(str(reply["chunk"]))
+                    ids = reply.get("token_ids")
+                    token_ids = tuple(int(i) for i in ids) if isinstance(ids, list) else ()
+                    yield GenerationChunk(str(reply["chunk"]), token_ids=token_ids)
                 elif kind == "inference_complete":
                     usage = reply.get("usage") or {}
                     reason: FinishReason = "length" if reply.get("finish_reason") == "length" else "stop"

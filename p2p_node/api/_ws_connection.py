@@ -309,7 +309,7 @@ class Connection:
         work.start_soon(self._run_request, call, scope)
 
     async def _run_request(self, call: InferenceCall, scope: trio.CancelScope) -> None:
-        ctx = RequestContext(request_id=call.request_id)
+        ctx = RequestContext(request_id=call.request_id, hops=call.hops)
         if call.timeout_s is not None:
             ctx.deadline = trio.current_time() + call.timeout_s
         final: dict[str, Any] | None = None
@@ -353,9 +353,10 @@ class Connection:
         async with aclosing(self._deps.manager.stream(request, ctx)) as chunks:
             async for chunk in chunks:
                 if chunk.text:
-                    await self.put(
-                        stamped("inference_chunk", request_id=call.request_id, chunk=chunk.text, index=index)
-                    )
+                    message = stamped("inference_chunk", request_id=call.request_id, chunk=chunk.text, index=index)
+                    if call.return_token_ids and chunk.token_ids:
+                        message["token_ids"] = list(chunk.token_ids)
+                    await self.put(message)
                     index += 1
                 if chunk.finish_reason is not None:
                     final = chunk

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from backends.errors import InferenceError, InvalidRequestError, OverloadedError
 from backends.manager import BackendManager
 from backends.types import (
+    MAX_HOPS,
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -31,6 +32,7 @@ from backends.types import (
     RerankResult,
     Task,
     Usage,
+    parse_hops,
 )
 from p2p_node.api.schemas import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, ChatMessage, RerankDocument
 
@@ -129,6 +131,9 @@ class InferenceMessage(_Message):
     inputs: Any
     parameters: dict[str, Any] | None = None
     stream: bool = False
+    return_token_ids: bool = False  # each inference_chunk then carries its token ids
+    # Node ids the request passed through (set by a peer): served here, never forwarded again.
+    hops: list[str] = Field(default_factory=list, max_length=MAX_HOPS)
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,8 @@ class InferenceCall:
     stream: bool
     timeout_s: float | None
     return_documents: bool
+    return_token_ids: bool = False
+    hops: tuple[str, ...] = ()
 
 
 _MESSAGES: dict[str, type[_Message]] = {
@@ -250,6 +257,8 @@ def build_call(message: InferenceMessage, manager: BackendManager, default_max_t
         stream=message.stream,
         timeout_s=params.timeout,
         return_documents=params.return_documents is not False,
+        return_token_ids=message.return_token_ids,
+        hops=parse_hops(message.hops),
     )
 
 

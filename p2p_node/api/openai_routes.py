@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from backends.errors import InferenceError, InvalidRequestError
 from backends.manager import BackendManager
 from backends.types import (
+    HOPS_HEADER,
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -31,6 +32,7 @@ from backends.types import (
     RequestContext,
     RerankRequest,
     Task,
+    parse_hops,
 )
 from p2p_node.api.errors import error_response, sse_error_event
 from p2p_node.api.schemas import ChatCompletionBody, CompletionBody, EmbeddingBody, RerankBody
@@ -52,20 +54,23 @@ def build_router(manager: BackendManager, default_max_tokens: int) -> APIRouter:
         )
 
     def context(request: Request) -> RequestContext:
-        return RequestContext(request_id=request.headers.get("x-request-id") or uuid.uuid4().hex)
+        return RequestContext(
+            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+            hops=parse_hops(request.headers.get(HOPS_HEADER)),
+        )
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
         model = manager.resolve_model(Task.CHAT, body.model)
         messages = tuple(Message(_ROLES.get(m.role, m.role), m.text()) for m in body.messages)  # type: ignore[arg-type]
         generation = ChatRequest(messages, model, params_of(body, body.token_budget()))
-        return await _respond(manager, generation, context(request), body.stream, body.include_usage, "chatcmpl")
+        return await _respond(manager, generation, context(request), body, "chatcmpl")
 
     @router.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody, request: Request) -> Response:
         model = manager.resolve_model(Task.COMPLETION, body.model)
         generation = CompletionRequest(body.prompt_text(), model, params_of(body, body.max_tokens))
-        return await _respond(manager, generation, context(request), body.stream, body.include_usage, "cmpl")
+        return await _respond(manager, generation, context(request), body, "cmpl")
 
     @router.post("/v1/embeddings")
     async def embeddings(body: EmbeddingBody, request: Request) -> JSONResponse:
@@ -126,14 +131,13 @@ async def _respond(
     manager: BackendManager,
     request: GenerationRequest,
     ctx: RequestContext,
-    stream: bool,
-    include_usage: bool,
+    body: ChatCompletionBody | CompletionBody,
     id_prefix: str,
 ) -> Response:
     response_id = f"{id_prefix}-{ctx.request_id}"
     created = int(time.time())
     chat = isinstance(request, ChatRequest)
-    if not stream:
+    if not body.stream:
         result = await manager.generate(request, ctx)
         usage = _usage(result.usage.prompt_tokens, result.usage.completion_tokens)
         if chat:
@@ -168,7 +172,9 @@ async def _respond(
     except BaseException:
         await chunks.aclose()
         raise
-    events = _sse_events(first, chunks, request.model, response_id, created, chat, include_usage)
+    events = _sse_events(
+        first, chunks, request.model, response_id, created, chat, body.include_usage, body.return_token_ids
+    )
     return EventStreamResponse(events, headers={"x-request-id": ctx.request_id, "x-backend-id": ctx.served_by or ""})
 
 
@@ -180,6 +186,7 @@ async def _sse_events(
     created: int,
     chat: bool,
     include_usage: bool,
+    token_ids: bool,
 ) -> AsyncIterator[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -200,8 +207,12 @@ async def _sse_events(
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if chunk.text or role:
                 delta["content"] = chunk.text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
-        return {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+        else:
+            choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}
+        if token_ids and chunk.token_ids:
+            choice["token_ids"] = list(chunk.token_ids)
+        return choice
 
     async with aclosing(rest):
         try:

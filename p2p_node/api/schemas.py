@@ -56,6 +56,9 @@ class _SamplingBody(_Body):
     stream_options: StreamOptions | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    # vLLM's extension: each streamed choice carries the ids of its tokens, which lets the
+    # caller continue the answer exactly elsewhere if this server dies mid-stream.
+    return_token_ids: bool = False
 
     @field_validator("stop")
     @classmethod

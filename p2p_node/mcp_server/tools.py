@@ -259,9 +259,7 @@ class NodeTools:
         mesh = self.node_status().get("mesh") or {}
         if "peer_id" not in mesh:
             return PeerList(mesh_enabled=False, peer_id=None, addrs=[], peers=[])
-        as_backend = {
-            getattr(b, "peer_id", None): b.id for b in self.manager.backends() if b.backend_type is BackendType.P2P
-        }
+        as_backend = {getattr(b, "peer_id", None): b.id for b in self.manager.backends() if b.is_peer}
         peers = [
             PeerInfo(
                 peer_id=peer["peer_id"],

@@ -46,8 +46,15 @@ class MeshClient(Protocol):
 class PeerBackend(Backend):
     backend_type = BackendType.P2P
 
-    def __init__(self, mesh: MeshClient, peer_id: str, advert: dict[str, Any], rtt_s: float | None = None) -> None:
-        super().__init__(f"peer:{peer_id}", name=f"peer {peer_id[:16]}…")
+    def __init__(
+        self,
+        mesh: MeshClient,
+        peer_id: str,
+        advert: dict[str, Any],
+        rtt_s: float | None = None,
+        backend_id: str | None = None,
+    ) -> None:
+        super().__init__(backend_id or f"peer:{peer_id}", name=f"peer {peer_id[:16]}…")
         self.mesh = mesh
         self.peer_id = peer_id
         self.advert = advert

@@ -1,10 +1,11 @@
 """The node's side of peering: what it advertises, how it serves a peer's request, and
-keeping one PeerBackend in the manager per peer the mesh knows."""
+keeping one backend in the manager per peer the mesh knows (a PeerBackend, or a
+PeerHybrid when the peer's HTTP API can be reached too)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -12,20 +13,33 @@ import trio
 
 from backends.errors import InferenceError
 from backends.manager import BackendManager
-from backends.types import BackendType, ChatRequest, CompletionRequest, EmbeddingRequest, RequestContext
+from backends.types import ChatRequest, CompletionRequest, EmbeddingRequest, RequestContext
 from p2p_node.mesh import wire
 from p2p_node.mesh.host import MeshHost
+from p2p_node.mesh.mdns import interface_addresses
 from p2p_node.peering.peer_backend import PeerBackend
+from p2p_node.peering.peer_hybrid import PeerHybrid, build_peer_backend, reachable_api
 from p2p_node.peering.translate import parse_request
 
 log = logging.getLogger(__name__)
 
 
 class Peering:
-    def __init__(self, manager: BackendManager, version: str, hardware: list[str]) -> None:
+    def __init__(
+        self,
+        manager: BackendManager,
+        version: str,
+        hardware: list[str],
+        api_advert: Callable[[], dict[str, Any] | None] = lambda: None,
+        peer_protocols: tuple[str, ...] = (),
+    ) -> None:
         self.manager = manager
         self.version = version
         self.hardware = hardware
+        # Where this node's HTTP API is (None before it listens), and over which protocols
+        # besides libp2p this node reaches peers that advertise theirs.
+        self.api_advert = api_advert
+        self.peer_protocols = peer_protocols
         self.mesh: MeshHost | None = None
         self._changed = trio.Event()
 
@@ -33,7 +47,7 @@ class Peering:
 
     def local_advert(self) -> dict[str, Any]:
         """Only what this node serves itself: peers' models are theirs to advertise."""
-        own = [b for b in self.manager.backends() if b.backend_type is not BackendType.P2P and b.status.routable]
+        own = [b for b in self.manager.backends() if not b.is_peer and b.status.routable]
         models = sorted(
             {
                 (card.id, card.task.value, card.context_window or 0, card.loaded)
@@ -43,7 +57,7 @@ class Peering:
         )
         ttfts = [b.metrics.ttft_s.value for b in own if b.metrics.ttft_s.value is not None]
         rates = [b.metrics.tokens_per_s.value for b in own if b.metrics.tokens_per_s.value is not None]
-        return {
+        advert: dict[str, Any] = {
             "version": self.version,
             "models": [
                 {"id": m, "task": t, "context_window": w or None, "loaded": loaded} for m, t, w, loaded in models
@@ -58,6 +72,10 @@ class Peering:
                 "tokens_per_s": round(max(rates), -1) if rates else None,
             },
         }
+        api = self.api_advert()
+        if api is not None:
+            advert["api"] = api
+        return advert
 
     # ---- serving a peer --------------------------------------------------------------
 
@@ -114,19 +132,33 @@ class Peering:
             await self._sync(mesh)
 
     async def _sync(self, mesh: MeshHost) -> None:
-        registered = {b.peer_id: b for b in self.manager.backends() if isinstance(b, PeerBackend)}
+        registered = {b.peer_id: b for b in self.manager.backends() if isinstance(b, (PeerBackend, PeerHybrid))}
+        local_ips = interface_addresses() if self.peer_protocols else []
         for peer_id, state in list(mesh.peers.items()):
             if not state.advert:
                 continue
             backend = registered.pop(peer_id, None)
+            if backend is not None and self._api_moved(backend, state.advert, local_ips):
+                log.info("peer %s moved its HTTP API; reconnecting to it", peer_id)
+                await self.manager.remove(backend.id)
+                backend = None
             if backend is None:
                 log.info("peer %s joined, serving %s", peer_id, [m.get("id") for m in state.advert.get("models", [])])
-                await self.manager.add(PeerBackend(mesh, peer_id, state.advert, state.rtt_s))
+                await self.manager.add(
+                    build_peer_backend(mesh, peer_id, state.advert, state.rtt_s, self.peer_protocols, local_ips)
+                )
             else:
                 backend.update(state.advert, state.rtt_s, state.connected)
         for peer_id, backend in registered.items():
             log.info("peer %s left", peer_id)
             await self.manager.remove(backend.id)
+
+    def _api_moved(self, backend: PeerBackend | PeerHybrid, advert: dict[str, Any], local_ips: list[str]) -> bool:
+        if not self.peer_protocols:
+            return False
+        api = reachable_api(advert, local_ips)
+        current = backend.api if isinstance(backend, PeerHybrid) else None
+        return api != current
 
     def status(self) -> dict[str, Any]:
         return self.mesh.status() if self.mesh is not None else {"enabled": False}

@@ -3,11 +3,25 @@ serves, and a failing one hands over to the next within the same request."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import replace
+from typing import Any
+
 import trio
 
 from backends.errors import BackendUnavailableError, InvalidRequestError
 from backends.hybrid import HybridBackend
-from backends.types import BackendStatus, RequestContext
+from backends.types import (
+    BackendStatus,
+    BackendType,
+    Capabilities,
+    GenerationChunk,
+    GenerationRequest,
+    ModelCard,
+    RequestContext,
+    Task,
+)
 from tests.backends.test_manager import ScriptedBackend, chat, manager_with
 
 
@@ -80,3 +94,73 @@ async def test_every_protocol_down_is_a_clear_unavailable_error(
         assert "refused" in str(exc)
     else:
         raise AssertionError("expected an unavailable error")
+
+
+class ContinuingBackend(ScriptedBackend):
+    """Can take a failover continuation (as a peer over libp2p can); remembers what it got."""
+
+    def __init__(self, backend_id: str, backend_type: BackendType = BackendType.API, **kwargs: Any) -> None:
+        super().__init__(backend_id, **kwargs)
+        self.backend_type = backend_type
+        self.requests: list[GenerationRequest] = []
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return replace(super().capabilities, continuation=True)
+
+    async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
+        self.requests.append(request)
+        async with aclosing(super().stream(request, ctx)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+
+async def test_a_continuation_goes_only_to_a_protocol_that_can_take_it(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    breaking = ContinuingBackend("node-a", fail_after=1)
+    fast_http = ScriptedBackend("node-b/http", delay=0.01)  # fastest, but can't continue an answer
+    libp2p = ContinuingBackend("node-b/libp2p", delay=0.2)
+    hybrid = node_over(fast_http, libp2p)
+    hybrid.priority = 1  # node-a serves first; node-b is where its answer fails over to
+    manager = manager_with(breaking, hybrid)
+    await nursery.start(manager.run)
+    result = await manager.generate(chat(), RequestContext())
+    assert result.text == "Hel" + "Hello!"  # node-a's token, then node-b's continuation
+    assert fast_http.calls == 0 and libp2p.calls == 1
+    continuation = libp2p.requests[0].continuation
+    assert continuation is not None and continuation.text == "Hel"
+
+
+async def test_a_hybrid_offers_what_its_authority_serves_not_every_protocol(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    class ForwardingApi(ScriptedBackend):
+        """An HTTP API that also lists models its node only reaches through others."""
+
+        @property
+        def capabilities(self) -> Capabilities:
+            caps = super().capabilities
+            return replace(caps, models=(*caps.models, ModelCard("elsewhere", Task.CHAT)))
+
+    libp2p = ContinuingBackend("node-b/libp2p", backend_type=BackendType.P2P)
+    hybrid = HybridBackend("node-b", [libp2p, ForwardingApi("node-b/http")], capabilities_from=libp2p)
+    assert {card.id for card in hybrid.capabilities.models} == {"m"}
+    assert hybrid.capabilities.continuation
+
+
+async def test_a_request_from_a_peer_never_goes_to_a_hybrid_that_reaches_a_peer(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    libp2p = ContinuingBackend("node-b/libp2p", backend_type=BackendType.P2P)
+    http = ScriptedBackend("node-b/http")
+    manager = manager_with(HybridBackend("node-b", [libp2p, http], capabilities_from=libp2p))
+    await nursery.start(manager.run)
+    assert (await manager.generate(chat(), RequestContext())).backend_id == "node-b"
+    try:
+        await manager.generate(chat(), RequestContext(hops=("node-c",)))
+    except BackendUnavailableError:
+        pass
+    else:
+        raise AssertionError("a request that came from a peer must not be forwarded to another")
+    assert libp2p.calls + http.calls == 1

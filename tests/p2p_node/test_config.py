@@ -62,6 +62,7 @@ def test_config_file_from_environment_variable(tmp_path: Path) -> None:
         ("[server\n", {}, "not valid TOML"),
         ("", {"MAX_BATCH_SIZE": "lots"}, "MAX_BATCH_SIZE"),
         ("", {"P2P_NODE_MODEL_ALIASES": "nonsense"}, "NAME=MODEL"),
+        ("", {"P2P_NODE_PEER_PROTOCOLS": "http,carrier-pigeon"}, "mesh.peer_protocols"),
     ],
 )
 def test_bad_configuration_names_the_problem(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
@@ -81,3 +82,9 @@ def test_cross_encoder_path_becomes_the_default_reranker(tmp_path: Path) -> None
     assert config.models.default_rerank == "cross-encoder"
     assert config.models.rerank["cross-encoder"] == str(tmp_path)
     assert config.models.aliases["bge-reranker"] == "cross-encoder"
+
+
+def test_peers_are_reached_over_http_and_websocket_too_unless_configured_otherwise() -> None:
+    assert load_config(env={}).mesh.peer_protocols == ["http", "websocket"]
+    only_libp2p = load_config(env={"P2P_NODE_PEER_PROTOCOLS": ""})
+    assert only_libp2p.mesh.peer_protocols == []

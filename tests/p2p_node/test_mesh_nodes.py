@@ -137,6 +137,86 @@ def test_peer_death_mid_stream_resumes_on_next_peer(tmp_path_factory: pytest.Tem
             node.stop()
 
 
+def peer_backend(node: NodeProcess, peer_id: str) -> dict:  # type: ignore[type-arg]
+    backends = httpx.get(node.url + "/status", timeout=10).json()["manager"]["backends"]
+    return next(b for b in backends if b["id"] == "peer:" + peer_id)
+
+
+def test_a_peer_is_one_backend_reached_over_libp2p_http_and_websocket(server: NodeProcess, asker: NodeProcess) -> None:
+    server_id = mesh_status(server)["peer_id"]
+
+    def all_protocols_up() -> bool:
+        report = peer_backend(asker, server_id)
+        protocols = report["details"].get("protocols", [])
+        return report["type"] == "p2p" and bool(protocols) and all(p["status"] == "healthy" for p in protocols)
+
+    wait_for(all_protocols_up)
+    report = peer_backend(asker, server_id)
+    assert [p["id"].split("/")[-1] for p in report["details"]["protocols"]] == ["libp2p", "http", "websocket"]
+    assert report["details"]["api"] == server.url
+    direct = ask(server).json()["choices"][0]["message"]["content"]
+    # Unmeasured protocols are tried first, so a few requests go over each of them.
+    for _ in range(4):
+        through = ask(asker)
+        assert through.status_code == 200 and through.headers["x-backend-id"] == "peer:" + server_id
+        assert through.json()["choices"][0]["message"]["content"] == direct
+    served = {p["id"].split("/")[-1]: p["ttft_ms"] for p in peer_backend(asker, server_id)["details"]["protocols"]}
+    assert all(ttft is not None for ttft in served.values()), served
+
+
+def test_a_request_that_came_from_a_peer_is_never_forwarded_to_one(server: NodeProcess, asker: NodeProcess) -> None:
+    server_id = mesh_status(server)["peer_id"]
+    assert ask(asker).status_code == 200  # the asker reaches the model through its peer...
+    from_peer = httpx.post(
+        asker.url + "/v1/chat/completions",
+        json={"model": TINY, "messages": MESSAGES, "max_tokens": 4},
+        headers={"x-p2p-node-hops": server_id},
+        timeout=60,
+    )
+    # ...but not for a request that already came through that peer: no loops.
+    assert from_peer.status_code == 503, from_peer.text
+    assert from_peer.json()["error"]["code"] == "backend_unavailable"
+    assert "not forwarded again" in from_peer.json()["error"]["message"]
+
+
+def test_a_websocket_request_that_came_from_a_peer_is_never_forwarded(server: NodeProcess, asker: NodeProcess) -> None:
+    import json
+
+    from websockets.sync.client import connect
+
+    server_id = mesh_status(server)["peer_id"]
+    message = {"type": "inference", "task": "chat", "model": TINY, "inputs": MESSAGES, "request_id": "r1"}
+    with connect(asker.url.replace("http", "ws") + "/ws/hops-test", open_timeout=10) as ws:
+        replies = []
+        for hops in ([], [server_id]):
+            ws.send(json.dumps({**message, "hops": hops}))
+            while True:
+                reply = json.loads(ws.recv(timeout=60))
+                if reply["type"] in ("inference_complete", "error"):
+                    replies.append(reply)
+                    break
+    assert replies[0]["type"] == "inference_complete"
+    assert replies[1]["type"] == "error" and replies[1]["code"] == "backend_unavailable", replies[1]
+
+
+def test_streamed_chunks_carry_token_ids_when_asked(server: NodeProcess) -> None:
+    import json
+
+    body = {"model": TINY, "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "stream": True}
+    body.update(return_token_ids=True, stream_options={"include_usage": True})
+    ids: list[int] = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                for choice in event["choices"]:
+                    if choice["delta"].get("content"):
+                        ids += choice["token_ids"]
+                if event.get("usage"):
+                    usage = event["usage"]
+    assert len(ids) == usage["completion_tokens"] and all(isinstance(i, int) for i in ids)
+
+
 def test_peers_command_lists_the_peer_with_models_and_rtt(server: NodeProcess, asker: NodeProcess) -> None:
     import subprocess
     import sys
