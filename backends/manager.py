@@ -10,6 +10,7 @@ and reports what happened to the metrics and the observer.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
@@ -452,18 +453,26 @@ class BackendManager:
         self, chunks: AsyncGenerator[GenerationChunk, None], ctx: RequestContext
     ) -> GenerationChunk | None:
         # The cancel scope wraps one await, never a yield: safe inside an async generator.
-        with self._deadline_scope(ctx) as scope:
-            try:
-                return await anext(chunks)
-            except StopAsyncIteration:
-                return None
-        assert scope.cancelled_caught
+        # Spelled out rather than `with self._deadline_scope(ctx)`: this runs once per
+        # streamed token, and a generator-based context manager costs as much as the rest.
+        scope = trio.CancelScope(deadline=self._deadline_of(ctx))
+        self._deadline_scopes.add(scope)
+        try:
+            with scope:
+                try:
+                    return await anext(chunks)
+                except StopAsyncIteration:
+                    return None
+        finally:
+            self._deadline_scopes.discard(scope)
         raise self._deadline_error(ctx)
+
+    def _deadline_of(self, ctx: RequestContext) -> float:
+        return min(ctx.deadline or math.inf, self._drain_deadline or math.inf)
 
     @contextmanager
     def _deadline_scope(self, ctx: RequestContext) -> Iterator[trio.CancelScope]:
-        deadline = min(ctx.deadline or float("inf"), self._drain_deadline or float("inf"))
-        with trio.move_on_at(deadline) as scope:
+        with trio.move_on_at(self._deadline_of(ctx)) as scope:
             self._deadline_scopes.add(scope)
             try:
                 yield scope

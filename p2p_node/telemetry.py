@@ -69,6 +69,7 @@ class Telemetry:
             registry=self.registry,
         )
         self.registry.register(_StatusCollector(status_source))
+        self._itl_children: dict[tuple[str, str], Any] = {}
 
     # ---- RequestObserver ------------------------------------------------------------
 
@@ -79,7 +80,11 @@ class Telemetry:
         self.ttft.labels(backend_id, model).observe(ttft_s)
 
     def token_gap(self, backend_id: str, model: str, gap_s: float) -> None:
-        self.itl.labels(backend_id, model).observe(gap_s)
+        # Once per streamed token: keep the labelled child rather than look it up each time.
+        child = self._itl_children.get((backend_id, model))
+        if child is None:
+            child = self._itl_children[(backend_id, model)] = self.itl.labels(backend_id, model)
+        child.observe(gap_s)
 
     def request_finished(
         self,

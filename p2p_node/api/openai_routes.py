@@ -190,17 +190,14 @@ async def _sse_events(
 ) -> AsyncIterator[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
+    # Every event shares its head; encoded once, not once per token.
+    head = json.dumps({"id": response_id, "object": obj, "created": created, "model": model}, separators=(",", ":"))
+    prefix = f"data: {head[:-1]},\"choices\":[".encode()
+
     def event(choice: dict[str, Any], usage: dict[str, int] | None = None, empty: bool = False) -> bytes:
-        payload: dict[str, Any] = {
-            "id": response_id,
-            "object": obj,
-            "created": created,
-            "model": model,
-            "choices": [] if empty else [choice],
-        }
-        if include_usage:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+        body = b"" if empty else json.dumps(choice, separators=(",", ":")).encode()
+        tail = b"]" + (b',"usage":' + json.dumps(usage, separators=(",", ":")).encode() if include_usage else b"")
+        return prefix + body + tail + b"}\n\n"
 
     def choice_of(chunk: GenerationChunk, role: bool = False) -> dict[str, Any]:
         if chat:
