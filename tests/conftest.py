@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +107,16 @@ def start_node(
             node.stop(signal.SIGKILL)
             raise RuntimeError(f"node not ready after {timeout}s:\n{node.log()}")
         time.sleep(0.2)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0) -> float:
+    """Polls `predicate` until it is true; fails the test after `timeout` seconds. Returns
+    how long it took (for the tests that report discovery times)."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "condition not reached in time"
+        time.sleep(0.1)
+    return time.monotonic() - started
 
 
 TINY_CONFIG = """

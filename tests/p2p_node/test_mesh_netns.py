@@ -3,13 +3,12 @@ other by mDNS with no configuration, serve each other's models, and heal after a
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, wait_for
 from tests.p2p_node import netns
 
 pytestmark = [
@@ -24,14 +23,6 @@ chat = {}
 default_chat = "tiny-random-llama"
 preload = []
 """
-
-
-def wait_for(predicate: object, timeout: float = 30.0) -> float:
-    started = time.monotonic()
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() - started < timeout, "condition not reached in time"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def peer_ids(node: netns.NetnsNode, with_models: bool = True) -> set[str]:

@@ -3,7 +3,6 @@ one node for a model only the other serves is answered, streamed, as if it were 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import TINY_CONFIG, NodeProcess, start_node
+from tests.conftest import TINY_CONFIG, NodeProcess, start_node, wait_for
 
 TINY = "tiny-random-llama"
 NO_LOCAL_CHAT = """
@@ -25,13 +24,6 @@ MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 
 def mesh_status(node: NodeProcess) -> dict:  # type: ignore[type-arg]
     return httpx.get(node.url + "/status", timeout=10).json()["mesh"]
-
-
-def wait_for(predicate: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

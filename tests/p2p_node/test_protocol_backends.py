@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import TINY_CONFIG, NodeProcess, free_port, start_node
+from tests.conftest import TINY_CONFIG, NodeProcess, free_port, start_node, wait_for
 
 TINY = "tiny-random-llama"
 GATEWAY = """
@@ -32,13 +31,6 @@ type = "{kind}"
 url = "{url}"
 """
 BODY = {"model": TINY, "messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 12}
-
-
-def wait_for(predicate: object, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.2)
 
 
 def ask(node: NodeProcess, **extra: object) -> httpx.Response:

@@ -5,7 +5,6 @@ falling back to its own local model when the upstream dies."""
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import TINY_CONFIG, NodeProcess, start_node
+from tests.conftest import TINY_CONFIG, NodeProcess, start_node, wait_for
 
 TINY = "tiny-random-llama"
 FAST_HEALTH = "\n[routing]\nhealth_check_interval = 0.5\nhealth_check_timeout = 2\n"
@@ -44,13 +43,6 @@ def gateway(tmp_path: Path, upstream: NodeProcess) -> Iterator[NodeProcess]:
 def chat(node: NodeProcess, **extra: object) -> httpx.Response:
     body = {"model": TINY, "messages": MESSAGES, "max_tokens": 12, "temperature": 0, **extra}
     return httpx.post(node.url + "/v1/chat/completions", json=body, timeout=60)
-
-
-def wait_for(predicate: object, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.2)
 
 
 def test_primary_provider_serves_and_answers_exactly_as_the_upstream(
