@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +35,9 @@ import httpx
 import trio
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.conftest import start_node  # noqa: E402  (the test suite's node launcher)
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -60,51 +59,18 @@ SENTENCES = [
 # ---- node processes -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def running_node(max_batch_size: int, batch_timeout_ms: float) -> Iterator[str]:
-    port = free_port()
+    config = (
+        f"[batching]\nmax_batch_size = {max_batch_size}\nbatch_timeout_ms = {batch_timeout_ms}\n"
+        "[routing]\nmax_pending_requests = 4096\n[logging]\nlevel = 'WARNING'\n"
+    )
     with tempfile.TemporaryDirectory() as workdir:
-        config = Path(workdir) / "node.toml"
-        config.write_text(
-            f"[batching]\nmax_batch_size = {max_batch_size}\nbatch_timeout_ms = {batch_timeout_ms}\n"
-            "[routing]\nmax_pending_requests = 4096\n[logging]\nlevel = 'WARNING'\n"
-        )
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-        log = (Path(workdir) / "node.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "p2p_node", "start", "--config", str(config), "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        url = f"http://127.0.0.1:{port}"
+        node = start_node(Path(workdir), config, timeout=300)
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"node exited: {(Path(workdir) / 'node.log').read_text()}")
-                try:
-                    if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("node not ready after 300 s")
-                time.sleep(0.2)
-            yield url
+            yield node.url
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            log.close()
+            node.stop()
 
 
 # ---- chat ---------------------------------------------------------------------------------
