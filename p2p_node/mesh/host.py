@@ -46,6 +46,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from p2p_node.mesh import wire
 from p2p_node.mesh.framed import FramedStream, PeerSilent, StreamBroken
 from p2p_node.mesh.identity import peer_id_of
+from p2p_node.mesh.libp2p_workarounds import InboundHandlerReaper
 from p2p_node.mesh.mdns import interface_addresses
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class MeshHost:
             psk=psk,
             addrs_factory=_announceable,
         )
+        InboundHandlerReaper(self._host.get_network())  # libp2p leaks inbound slots otherwise (issue 4)
         self._host.set_stream_handler(TProtocol(wire.INFERENCE_PROTOCOL), self._guarded(self._handle_inference))
         self._host.set_stream_handler(TProtocol(wire.ADVERT_PROTOCOL), self._guarded(self._handle_advert))
         listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
