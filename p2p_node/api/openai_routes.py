@@ -192,7 +192,7 @@ async def _sse_events(
 
     # Every event shares its head; encoded once, not once per token.
     head = json.dumps({"id": response_id, "object": obj, "created": created, "model": model}, separators=(",", ":"))
-    prefix = f"data: {head[:-1]},\"choices\":[".encode()
+    prefix = f'data: {head[:-1]},"choices":['.encode()
 
     def event(choice: dict[str, Any], usage: dict[str, int] | None = None, empty: bool = False) -> bytes:
         body = b"" if empty else json.dumps(choice, separators=(",", ":")).encode()

@@ -41,6 +41,7 @@ class FramedStream:
         self._decoder = wire.FrameDecoder()
         self._ready: list[dict[str, Any]] = []
         self._eof = False
+        self.reusable = False  # the stream may carry another request after this one's answer
 
     async def receive(self, timeout_s: float | None = None) -> dict[str, Any] | None:
         """The next message, or None at a clean EOF. Raises WireError or StreamBroken."""

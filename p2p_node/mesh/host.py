@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from p2p_node.mesh import wire
 from p2p_node.mesh.framed import FramedStream, PeerSilent, StreamBroken
 from p2p_node.mesh.identity import peer_id_of
+from p2p_node.mesh.inference_streams import TERMINAL, InferenceCall, StreamPool
 from p2p_node.mesh.libp2p_workarounds import InboundHandlerReaper
 from p2p_node.mesh.mdns import interface_addresses
 
@@ -72,6 +74,7 @@ class MeshSettings:
     keepalive_s: float = 5.0  # adverts and pings at least this often
     advert_ttl_s: float = 15.0  # a peer silent this long is forgotten
     request_first_frame_timeout_s: float = 10.0
+    idle_stream_timeout_s: float = 60.0  # a reusable inference stream waits this long for a request
     reconnect_max_backoff_s: float = 10.0
     dial_timeout_s: float = 10.0  # a dial and the first stream on it
 
@@ -109,6 +112,7 @@ class MeshHost:
         self._nursery: trio.Nursery | None = None
         self._dialing: set[str] = set()
         self._targets: dict[str, str] = {}  # peer id → the address its keeper dials
+        self._stream_pool = StreamPool()  # idle reusable inference streams, per peer
         self._redial_now: dict[str, trio.Event] = {}
         self._advert_streams: dict[str, int] = {}  # peer id → advert streams open with it
         self._advert_seq = 0
@@ -128,7 +132,8 @@ class MeshHost:
             addrs_factory=_announceable,
         )
         InboundHandlerReaper(self._host.get_network())  # libp2p leaks inbound slots otherwise (issue 4)
-        self._host.set_stream_handler(TProtocol(wire.INFERENCE_PROTOCOL), self._guarded(self._handle_inference))
+        for protocol in (wire.INFERENCE_PROTOCOL_REUSABLE, wire.INFERENCE_PROTOCOL):
+            self._host.set_stream_handler(TProtocol(protocol), self._guarded(self._handle_inference))
         self._host.set_stream_handler(TProtocol(wire.ADVERT_PROTOCOL), self._guarded(self._handle_advert))
         listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
         async with self._host.run(listen_addrs=listen), trio.open_nursery() as nursery:
@@ -253,6 +258,8 @@ class MeshHost:
         stale = [c for c in self._connections(ID.from_base58(peer)) if getattr(c, "_created_at", 0.0) <= cutoff]
         if stale:
             log.info("closing %d silent connection(s) to peer %s", len(stale), peer)
+            for framed in self._stream_pool.drop(peer):
+                await framed.reset()
         await self._close_connections(stale)
 
     def _guarded(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -395,84 +402,130 @@ class MeshHost:
             log.warning("refused inference stream from peer %s (not in the allow-list)", peer)
             await framed.reset()
             return
-        try:
-            message = await framed.receive(timeout_s=self.settings.request_first_frame_timeout_s)
-        except wire.WireError as exc:
-            await framed.send(wire.error("", "bad_frame", str(exc)))
-            await framed.close()
-            return
-        if message is None or message["t"] != wire.REQUEST:
-            await framed.send(wire.error("", "bad_request", "the first frame must be a request"))
-            await framed.close()
-            return
-        request_id = message["id"]
-        if self.peer_id in message["hops"]:
-            await framed.send(wire.error(request_id, "loop", "this request already passed through this node"))
-            await framed.close()
-            return
-        outcome = await self._answer(framed, message, peer)
-        if outcome is not None:
-            with trio.move_on_after(2), trio.CancelScope(shield=True):
+        reusable = stream.get_protocol() == wire.INFERENCE_PROTOCOL_REUSABLE
+        message: dict[str, Any] | None = None
+        served = 0
+        while True:
+            if message is None:
+                timeout = (
+                    self.settings.request_first_frame_timeout_s if served == 0 else self.settings.idle_stream_timeout_s
+                )
                 try:
-                    await framed.send(outcome)
+                    message = await framed.receive(timeout_s=timeout)
+                except wire.WireError as exc:
+                    await framed.send(wire.error("", "bad_frame", str(exc)))
+                    break
                 except StreamBroken:
-                    pass
+                    break  # an idle stream timed out or the client went away: nothing lost
+                if message is None and served:
+                    break  # the client closed its idle stream
+            if message is None or message["t"] != wire.REQUEST:
+                await framed.send(wire.error("", "bad_request", "the first frame must be a request"))
+                break
+            request_id = message["id"]
+            if self.peer_id in message["hops"]:
+                await framed.send(wire.error(request_id, "loop", "this request already passed through this node"))
+                served += 1
+                message = None
+                if reusable:
+                    continue
+                break
+            outcome, message = await self._answer(framed, message, peer)
+            served += 1
+            if outcome is not None:
+                with trio.move_on_after(2), trio.CancelScope(shield=True):
+                    try:
+                        await framed.send(outcome)
+                    except StreamBroken:
+                        pass
+                break
+            if not reusable:
+                break
         await framed.close()
 
-    async def _answer(self, framed: FramedStream, message: dict[str, Any], peer: str) -> dict[str, Any] | None:
-        """Stream the reply; returns a last frame still to send (an error), or None."""
+    async def _answer(
+        self, framed: FramedStream, message: dict[str, Any], peer: str
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Stream the reply. Returns a last frame still to send (an error, after which the
+        stream is done), and the client's next request if it arrived meanwhile."""
         request_id = message["id"]
         cancelled_by_peer = False
+        replied = False
+        next_request: dict[str, Any] | None = None
+        send_replies, receive_replies = trio.open_memory_channel[dict[str, Any]](64)
         async with trio.open_nursery() as nursery:
 
             async def watch_for_cancel() -> None:
-                nonlocal cancelled_by_peer
-                # Anything after the request is a cancel, or the client closing / vanishing.
+                nonlocal cancelled_by_peer, next_request
+                # Before the answer ends, anything from the client is a cancel (or it left);
+                # after it, on a reusable stream, its next request.
                 try:
-                    await framed.receive(timeout_s=math.inf)
+                    frame = await framed.receive(timeout_s=math.inf)
                 except (StreamBroken, wire.WireError):
-                    pass
+                    frame = None
+                if replied:
+                    if frame is not None and frame["t"] == wire.REQUEST:
+                        next_request = frame
+                    return
                 cancelled_by_peer = True
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(watch_for_cancel)
-            try:
-                async with aclosing(self._serve(message, peer)) as replies:
+            async def produce() -> None:
+                async with send_replies, aclosing(self._serve(message, peer)) as replies:
                     async for reply in replies:
-                        await framed.send(reply)
+                        await send_replies.send(reply)
+
+            nursery.start_soon(watch_for_cancel)
+            nursery.start_soon(produce)
+            try:
+                # Not closed on the way out: the producer, blocked on a full channel, is
+                # cancelled with the nursery rather than failing on a closed one.
+                async for reply in receive_replies:
+                    # A writer that fell behind sends what piled up as one frame.
+                    batch = [reply]
+                    while True:
+                        try:
+                            batch.append(receive_replies.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    for frame in wire.merge_chunks(batch):
+                        # Set before the terminal frame goes out: the client may send its
+                        # next request the moment it reads it.
+                        replied = replied or frame["t"] in TERMINAL
+                        await framed.send(frame)
             except StreamBroken:
                 cancelled_by_peer = True
             nursery.cancel_scope.cancel()
         if cancelled_by_peer:
-            return wire.error(request_id, "cancelled", "cancelled by the requesting peer")
-        return None
+            return wire.error(request_id, "cancelled", "cancelled by the requesting peer"), None
+        return None, next_request
 
     # ---- inference: asking -----------------------------------------------------------
 
     @asynccontextmanager
-    async def open_inference(self, peer: str, request: dict[str, Any]) -> AsyncIterator[FramedStream]:
+    async def open_inference(self, peer: str, request: dict[str, Any]) -> AsyncIterator[InferenceCall]:
         """A stream carrying `request` to `peer`; read its replies with `receive()`.
-        Leaving the block early (cancellation, error) cancels the request at the peer."""
+        Leaving the block early (cancellation, error) cancels the request at the peer.
+        Streams are reused for later requests when the peer speaks the reusable protocol."""
         if self._host is None:
             raise StreamBroken("the mesh is not running")
-        peer_id = ID.from_base58(peer)
-        try:
-            with trio.fail_after(self.settings.dial_timeout_s):
-                # Left to libp2p, a connection still closing (dropped as silent a moment
-                # ago) fails the request instead of being replaced by a fresh one.
-                if not self._connections(peer_id) and peer in self._targets:
-                    await self._dial(peer_id, self._targets[peer])
-                stream = await self._host.new_stream(peer_id, [TProtocol(wire.INFERENCE_PROTOCOL)])
-        except Exception as exc:  # libp2p's own errors, a dial refused, a timeout
-            raise StreamBroken(f"no stream to peer {peer}: {_describe(exc)}") from None
-        framed = FramedStream(stream)
+        framed, expired = self._stream_pool.take(peer)
+        for stale in expired:
+            await stale.close()
+        reused = framed is not None
+        if framed is None:
+            framed = await self._new_inference_stream(peer)
+        call = InferenceCall(framed, request, reused, partial(self._new_inference_stream, peer))
         finished = False
         try:
-            await framed.send(request)
-            yield framed
+            await call.framed.send(request)
+            yield call
             finished = True
         finally:
-            if finished:
+            framed = call.framed
+            if finished and call.ended and framed.reusable and self._stream_pool.give(peer, framed):
+                pass  # kept for the next request
+            elif finished:
                 await framed.close()
             else:
                 with trio.move_on_after(1), trio.CancelScope(shield=True):
@@ -481,6 +534,22 @@ class MeshHost:
                     except (StreamBroken, wire.WireError):
                         pass
                 await framed.reset()
+
+    async def _new_inference_stream(self, peer: str) -> FramedStream:
+        peer_id = ID.from_base58(peer)
+        protocols = [TProtocol(wire.INFERENCE_PROTOCOL_REUSABLE), TProtocol(wire.INFERENCE_PROTOCOL)]
+        try:
+            with trio.fail_after(self.settings.dial_timeout_s):
+                # Left to libp2p, a connection still closing (dropped as silent a moment
+                # ago) fails the request instead of being replaced by a fresh one.
+                if not self._connections(peer_id) and peer in self._targets:
+                    await self._dial(peer_id, self._targets[peer])
+                stream = await self._host.new_stream(peer_id, protocols)
+        except Exception as exc:  # libp2p's own errors, a dial refused, a timeout
+            raise StreamBroken(f"no stream to peer {peer}: {_describe(exc)}") from None
+        framed = FramedStream(stream)
+        framed.reusable = stream.get_protocol() == wire.INFERENCE_PROTOCOL_REUSABLE
+        return framed
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()

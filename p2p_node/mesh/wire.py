@@ -29,6 +29,9 @@ from typing import Any
 import msgpack
 
 INFERENCE_PROTOCOL = "/p2p-node/inference/1.0.0"
+# The same frames; after a terminal frame (done, result, error) the stream stays open for
+# the client's next request, so a request needn't pay for negotiating a new stream.
+INFERENCE_PROTOCOL_REUSABLE = "/p2p-node/inference/1.1.0"
 ADVERT_PROTOCOL = "/p2p-node/advert/1.0.0"
 
 MAX_FRAME_BYTES = 4 * 1024 * 1024  # an embedding batch answer fits; a runaway peer doesn't
@@ -143,6 +146,32 @@ def chunk(request_id: str, text: str, token_ids: list[int] | None = None) -> dic
     if token_ids:
         message["ids"] = token_ids  # lets a failover target continue the answer exactly
     return message
+
+
+def merge_chunks(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive chunk frames of one request as one (text and token ids joined in order).
+
+    A server whose writer falls behind sends what has piled up in one frame: the same
+    tokens in fewer frames, so a slow link or a busy reader costs less per token. Other
+    frames, and their order, are kept.
+    """
+    merged: list[dict[str, Any]] = []
+    for frame in frames:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and frame.get("t") == CHUNK
+            and last.get("t") == CHUNK
+            and last.get("id") == frame.get("id")
+            and bool(last.get("ids")) == bool(frame.get("ids"))  # all ids or none: stays exact
+        ):
+            joined = {**last, "text": last["text"] + frame["text"]}
+            if frame.get("ids"):
+                joined["ids"] = [*last["ids"], *frame["ids"]]
+            merged[-1] = joined
+        else:
+            merged.append(frame)
+    return merged
 
 
 def done(request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

@@ -114,9 +114,10 @@ class PeerBackend(Backend):
         return wire.request(ctx.request_id, request.task.value, request.model, payload, hops, deadline_ms)
 
     async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
+        last: GenerationChunk | None = None
         try:
             async with self.mesh.open_inference(self.peer_id, self._request(request, ctx)) as frames:
-                while True:
+                while last is None:
                     frame = await frames.receive()
                     if frame is None:
                         # A peer going away looks like a clean EOF: without `done` it failed.
@@ -129,12 +130,11 @@ class PeerBackend(Backend):
                     elif kind == wire.DONE:
                         usage = frame["usage"]
                         reason: FinishReason = "length" if frame["finish_reason"] == "length" else "stop"
-                        yield GenerationChunk(
+                        last = GenerationChunk(
                             "",
                             finish_reason=reason,
                             usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
                         )
-                        return
                     elif kind == wire.ERROR:
                         raise error_from_frame(frame, self.peer_id)
                     else:
@@ -145,6 +145,9 @@ class PeerBackend(Backend):
             raise
         except (OSError, RuntimeError) as exc:  # libp2p dial failures surface as these
             raise BackendUnavailableError(f"peer {self.peer_id[:12]}… unreachable: {exc}") from None
+        # Yielded after the stream is handed back: the caller stops at the finishing chunk,
+        # and a generator closed inside the block would reset a stream that could be reused.
+        yield last
 
     async def _call(self, request: InferenceRequest, ctx: RequestContext) -> dict[str, Any]:
         try:

@@ -85,7 +85,7 @@ async def test_bootstrapped_peers_exchange_adverts_and_measure_rtt(nursery: trio
 
 
 async def test_a_request_streams_chunks_then_done(nursery: trio.Nursery) -> None:
-    served = Served()
+    served = Served(delay=0.02)  # paced like a model: one frame per chunk
     a = await start_host(nursery, served)
     b = await start_host(nursery, bootstrap=[a.addrs[0]])
     await wait_until(lambda: a.peer_id in b.peers and b.peers[a.peer_id].advert)
@@ -93,6 +93,45 @@ async def test_a_request_streams_chunks_then_done(nursery: trio.Nursery) -> None
     assert [r["text"] for r in replies if r["t"] == wire.CHUNK] == ["one ", "two ", "three "]
     assert replies[-1]["t"] == wire.DONE and replies[-1]["usage"]["completion_tokens"] == 3
     assert served.requests[0][1] == b.peer_id  # the server knows who asked (Noise-authenticated)
+
+
+async def test_chunks_that_pile_up_behind_the_writer_go_out_merged(nursery: trio.Nursery) -> None:
+    a = await start_host(nursery, Served())  # every chunk at once: faster than any writer
+    b = await start_host(nursery, bootstrap=[a.addrs[0]])
+    await wait_until(lambda: a.peer_id in b.peers and b.peers[a.peer_id].advert)
+    words = [f"w{i}" for i in range(200)]
+    replies = await collect(b, a.peer_id, " ".join(words))
+    chunks = [r["text"] for r in replies if r["t"] == wire.CHUNK]
+    assert "".join(chunks) == "".join(w + " " for w in words)  # nothing lost, nothing reordered
+    assert len(chunks) < len(words)
+    assert replies[-1]["t"] == wire.DONE
+
+
+async def test_consecutive_requests_to_a_peer_reuse_one_stream(nursery: trio.Nursery) -> None:
+    a = await start_host(nursery, Served())
+    b = await start_host(nursery, bootstrap=[a.addrs[0]])
+    await wait_until(lambda: a.peer_id in b.peers and b.peers[a.peer_id].advert)
+    assert (await collect(b, a.peer_id, "first", "r1"))[-1]["t"] == wire.DONE
+    pooled = b._stream_pool.take(a.peer_id)[0]
+    assert pooled is not None and pooled.reusable
+    b._stream_pool.give(a.peer_id, pooled)
+    second = await collect(b, a.peer_id, "second answer", "r2")
+    assert "".join(r["text"] for r in second if r["t"] == wire.CHUNK) == "second answer "
+    assert b._stream_pool.take(a.peer_id)[0] is pooled  # the same stream carried both
+
+
+async def test_a_reused_stream_the_server_closed_is_replaced_without_losing_the_request(
+    nursery: trio.Nursery,
+) -> None:
+    served = Served()
+    a = await start_host(nursery, served, idle_stream_timeout_s=0.2)
+    b = await start_host(nursery, bootstrap=[a.addrs[0]])
+    await wait_until(lambda: a.peer_id in b.peers and b.peers[a.peer_id].advert)
+    await collect(b, a.peer_id, "first", "r1")
+    await trio.sleep(0.6)  # the server closes the idle stream; the client still holds it
+    replies = await collect(b, a.peer_id, "asked again", "r2")
+    assert "".join(r["text"] for r in replies if r["t"] == wire.CHUNK) == "asked again "
+    assert [m["id"] for m, _ in served.requests] == ["r1", "r2"]  # answered once, not twice
 
 
 async def test_leaving_early_cancels_the_request_at_the_serving_peer(nursery: trio.Nursery) -> None:

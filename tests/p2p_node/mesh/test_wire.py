@@ -92,3 +92,23 @@ def test_arbitrary_msgpack_values_are_validated_not_trusted(value: object) -> No
     except wire.WireError:
         return
     assert messages[0]["t"] in wire._SCHEMA
+
+
+def test_consecutive_chunks_merge_into_one_frame_in_order() -> None:
+    frames = [
+        wire.chunk("r1", "Hel", [1]),
+        wire.chunk("r1", "lo", [2, 3]),
+        wire.chunk("r1", "!", [4]),
+        wire.done("r1", "stop", 3, 4),
+    ]
+    assert wire.merge_chunks(frames) == [wire.chunk("r1", "Hello!", [1, 2, 3, 4]), wire.done("r1", "stop", 3, 4)]
+
+
+def test_chunks_of_other_requests_or_without_ids_are_not_merged() -> None:
+    frames = [wire.chunk("r1", "a", [1]), wire.chunk("r2", "b", [2]), wire.chunk("r2", "c"), wire.chunk("r2", "d")]
+    assert wire.merge_chunks(frames) == [
+        wire.chunk("r1", "a", [1]),
+        wire.chunk("r2", "b", [2]),
+        wire.chunk("r2", "cd"),
+    ]
+    assert wire.merge_chunks([]) == []
