@@ -68,8 +68,11 @@ class HybridBackend(Backend):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            for child in self.children:
-                await nursery.start(child.run)
+            # Side by side: a protocol that is slow to connect (a firewalled port waits out
+            # its connect timeout) must not hold back the others, nor the caller.
+            async with trio.open_nursery() as starting:
+                for child in self.children:
+                    starting.start_soon(nursery.start, child.run)
             self.status = self._combined_status()
             task_status.started()
             await trio.sleep_forever()

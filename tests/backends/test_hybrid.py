@@ -164,3 +164,17 @@ async def test_a_request_from_a_peer_never_goes_to_a_hybrid_that_reaches_a_peer(
     else:
         raise AssertionError("a request that came from a peer must not be forwarded to another")
     assert libp2p.calls + http.calls == 1
+
+
+class SlowToStart(ScriptedBackend):
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await trio.sleep(5)  # e.g. a WebSocket waiting out its connect timeout
+        await super().run(task_status=task_status)
+
+
+async def test_protocols_start_side_by_side(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
+    hybrid = node_over(SlowToStart("node-b/ws"), SlowToStart("node-b/http"), SlowToStart("node-b/p2p"))
+    started = trio.current_time()
+    await nursery.start(hybrid.run)
+    assert trio.current_time() - started < 6  # the slowest start, not the sum of them
+    assert hybrid.status is BackendStatus.HEALTHY
