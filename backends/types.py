@@ -207,6 +207,11 @@ class GenerationChunk:
     token_ids: tuple[int, ...] = ()  # the tokens behind `text`, where the backend knows them
 
 
+def token_ids_from(value: object) -> tuple[int, ...]:
+    """Token ids as a remote sent them (a JSON or msgpack list); anything else means none."""
+    return tuple(int(i) for i in value) if isinstance(value, list) else ()
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     text: str

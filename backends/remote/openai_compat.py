@@ -39,6 +39,7 @@ from backends.types import (
     RerankResult,
     Task,
     Usage,
+    token_ids_from,
 )
 
 log = logging.getLogger(__name__)
@@ -271,9 +272,7 @@ async def _parse_sse(response: httpx.Response, backend_id: str, *, chat: bool) -
             text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
             if text:
                 content_chunks += 1
-                ids = choice.get("token_ids")
-                token_ids = tuple(int(i) for i in ids) if isinstance(ids, list) else ()
-                yield GenerationChunk(text, token_ids=token_ids)
+                yield GenerationChunk(text, token_ids=token_ids_from(choice.get("token_ids")))
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
     if done:

@@ -40,6 +40,7 @@ from backends.types import (
     RerankResult,
     Task,
     Usage,
+    token_ids_from,
 )
 
 log = logging.getLogger(__name__)
@@ -294,9 +295,7 @@ class WebSocketBackend(Backend):
                 kind = reply.get("type")
                 if kind == "inference_chunk" and reply.get("chunk"):
                     emitted = True
-                    ids = reply.get("token_ids")
-                    token_ids = tuple(int(i) for i in ids) if isinstance(ids, list) else ()
-                    yield GenerationChunk(str(reply["chunk"]), token_ids=token_ids)
+                    yield GenerationChunk(str(reply["chunk"]), token_ids=token_ids_from(reply.get("token_ids")))
                 elif kind == "inference_complete":
                     usage = reply.get("usage") or {}
                     reason: FinishReason = "length" if reply.get("finish_reason") == "length" else "stop"

@@ -41,7 +41,13 @@ class FramedStream:
         self._decoder = wire.FrameDecoder()
         self._ready: list[dict[str, Any]] = []
         self._eof = False
-        self.reusable = False  # the stream may carry another request after this one's answer
+
+    @property
+    def reusable(self) -> bool:
+        """The stream was negotiated for requests one after another (it may carry another
+        request after this one's answer)."""
+        get_protocol = getattr(self.stream, "get_protocol", None)
+        return get_protocol is not None and get_protocol() == wire.INFERENCE_PROTOCOL_REUSABLE
 
     async def receive(self, timeout_s: float | None = None) -> dict[str, Any] | None:
         """The next message, or None at a clean EOF. Raises WireError or StreamBroken."""

@@ -402,7 +402,6 @@ class MeshHost:
             log.warning("refused inference stream from peer %s (not in the allow-list)", peer)
             await framed.reset()
             return
-        reusable = stream.get_protocol() == wire.INFERENCE_PROTOCOL_REUSABLE
         message: dict[str, Any] | None = None
         served = 0
         while True:
@@ -427,7 +426,7 @@ class MeshHost:
                 await framed.send(wire.error(request_id, "loop", "this request already passed through this node"))
                 served += 1
                 message = None
-                if reusable:
+                if framed.reusable:
                     continue
                 break
             outcome, message = await self._answer(framed, message, peer)
@@ -439,7 +438,7 @@ class MeshHost:
                     except StreamBroken:
                         pass
                 break
-            if not reusable:
+            if not framed.reusable:
                 break
         await framed.close()
 
@@ -547,9 +546,7 @@ class MeshHost:
                 stream = await self._host.new_stream(peer_id, protocols)
         except Exception as exc:  # libp2p's own errors, a dial refused, a timeout
             raise StreamBroken(f"no stream to peer {peer}: {_describe(exc)}") from None
-        framed = FramedStream(stream)
-        framed.reusable = stream.get_protocol() == wire.INFERENCE_PROTOCOL_REUSABLE
-        return framed
+        return FramedStream(stream)
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()

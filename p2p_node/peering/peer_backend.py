@@ -27,6 +27,7 @@ from backends.types import (
     RerankResult,
     Task,
     Usage,
+    token_ids_from,
 )
 from p2p_node.mesh import wire
 from p2p_node.mesh.framed import StreamBroken
@@ -124,9 +125,7 @@ class PeerBackend(Backend):
                         raise BackendFailedError(f"peer {self.peer_id[:12]}… ended the stream before finishing")
                     kind = frame["t"]
                     if kind == wire.CHUNK:
-                        ids = frame.get("ids")
-                        token_ids = tuple(int(i) for i in ids) if isinstance(ids, list) else ()
-                        yield GenerationChunk(frame["text"], token_ids=token_ids)
+                        yield GenerationChunk(frame["text"], token_ids=token_ids_from(frame.get("ids")))
                     elif kind == wire.DONE:
                         usage = frame["usage"]
                         reason: FinishReason = "length" if frame["finish_reason"] == "length" else "stop"
