@@ -35,6 +35,7 @@ from backends.failover import AnswerSoFar, may_fail_over
 from backends.metrics import RequestObserver
 from backends.reporting import backend_report
 from backends.resilience import CircuitBreaker, RetryState, backoff_s, is_backend_fault, may_retry
+from backends.running import run_restarting
 from backends.strategies import (
     Candidate,
     Strategy,
@@ -584,7 +585,7 @@ class BackendManager:
     @staticmethod
     async def _run_backend(backend: Backend, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
         with scope:
-            await backend.run(task_status=task_status)
+            await run_restarting(backend, task_status=task_status)
 
     async def _health_loop(self) -> None:
         while True:

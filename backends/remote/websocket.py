@@ -45,6 +45,9 @@ from backends.types import (
 
 log = logging.getLogger(__name__)
 
+# What ends a connection to the remote (ValueError: a refused or malformed status answer).
+_CONNECTION_LOST = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, ValueError)
+
 
 @dataclass(frozen=True)
 class WebSocketBackendSettings:
@@ -94,32 +97,38 @@ class WebSocketBackend(Backend):
 
     async def _stay_connected(self) -> None:
         backoff = 0.5
-        headers = [(b"authorization", f"Bearer {self.settings.api_key}".encode())] if self.settings.api_key else []
         while True:
             try:
-                async with open_websocket_url(
-                    self._url(),
-                    extra_headers=headers,
-                    connect_timeout=self.settings.connect_timeout_s,
-                    max_message_size=64 * 1024 * 1024,
-                    message_queue_size=256,
-                ) as ws:
-                    self._ws = ws
-                    backoff = 0.5
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._read, ws, nursery.cancel_scope)
-                        await self._refresh_models(ws)
-                        self.status, self.status_detail = BackendStatus.HEALTHY, ""
-                        self._connected.set()
-                        nursery.start_soon(self._keep_pinging)
-            except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, ValueError) as exc:
-                self.status_detail = f"{self.settings.url}: {exc or type(exc).__name__}"
+                await self._session()
+            except* _CONNECTION_LOST as group:  # raised inside the session's nursery: grouped
+                lost = group.exceptions[0]
+                self.status_detail = f"{self.settings.url}: {lost or type(lost).__name__}"
             finally:
+                if self._ws is not None:  # it was connected: this is a reconnect, not a retry
+                    backoff = 0.5
                 self._ws = None
                 self._fail_waiting("the WebSocket connection to the node closed")
             self.status = BackendStatus.UNHEALTHY
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self.settings.reconnect_max_backoff_s)
+
+    async def _session(self) -> None:
+        """One connection, from open to close; returns when the remote closes it."""
+        headers = [(b"authorization", f"Bearer {self.settings.api_key}".encode())] if self.settings.api_key else []
+        async with open_websocket_url(
+            self._url(),
+            extra_headers=headers,
+            connect_timeout=self.settings.connect_timeout_s,
+            max_message_size=64 * 1024 * 1024,
+            message_queue_size=256,
+        ) as ws:
+            self._ws = ws
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read, ws, nursery.cancel_scope)
+                await self._refresh_models(ws)
+                self.status, self.status_detail = BackendStatus.HEALTHY, ""
+                self._connected.set()
+                nursery.start_soon(self._keep_pinging)
 
     async def _read(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
         try:
@@ -166,7 +175,11 @@ class WebSocketBackend(Backend):
             self.status_detail = "no pong"
             return BackendStatus.UNHEALTHY
         self._rtt.update(trio.current_time() - started)
-        await self._refresh_models(ws)
+        try:
+            await self._refresh_models(ws)
+        except _CONNECTION_LOST as exc:  # a verdict, not a crash: the session ends on its own
+            self.status_detail = f"status refused: {exc or type(exc).__name__}"
+            return BackendStatus.UNHEALTHY
         return BackendStatus.HEALTHY
 
     async def _refresh_models(self, ws: WebSocketConnection) -> None:

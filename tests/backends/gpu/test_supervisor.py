@@ -263,6 +263,9 @@ async def test_output_is_kept_in_a_bounded_buffer_and_appended_to_the_log_file(t
     async with trio.open_nursery() as nursery:
         with trio.fail_after(10):
             await nursery.start(child.supervisor.run)
+            # Ready is seen by polling a file: the output may still be in the pipe.
+            while child.supervisor.log_tail(1) != ["line 4"]:
+                await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     assert child.supervisor.log_tail() == ["line 2", "line 3", "line 4"]
     assert child.supervisor.log_tail(1) == ["line 4"]
