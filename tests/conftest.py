@@ -119,6 +119,17 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0) -> float:
     return time.monotonic() - started
 
 
+async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Waits, inside trio, until `predicate()` holds; fails the test after `timeout` seconds.
+    Polling is the point: it observes state other components own and signal nothing about
+    (libp2p's tasks, process deaths, counters)."""
+    import trio
+
+    with trio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
 TINY_CONFIG = """
 [models]
 default_chat = "tiny-random-llama"

@@ -13,7 +13,6 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from backends.types import (
     Task,
     Usage,
 )
+from tests.conftest import wait_until
 
 TOOLS = Path(__file__).resolve().parent / "tools"
 
@@ -86,13 +86,6 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state not in ("Z", "X")
-
-
-async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    # Process deaths and the backend's counters signal nothing we could wait on: poll.
-    with trio.fail_after(within):
-        while not condition():  # noqa: ASYNC110
-            await trio.sleep(0.01)
 
 
 def read_pids(pid_file: Path) -> list[int]:

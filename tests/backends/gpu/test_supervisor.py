@@ -24,6 +24,7 @@ from backends.gpu.supervisor import (
     SupervisorSettings,
     backoff_delay,
 )
+from tests.conftest import wait_until
 
 CHILD = """
 import os, pathlib, signal, subprocess, sys, time
@@ -264,8 +265,7 @@ async def test_output_is_kept_in_a_bounded_buffer_and_appended_to_the_log_file(t
         with trio.fail_after(10):
             await nursery.start(child.supervisor.run)
             # Ready is seen by polling a file: the output may still be in the pipe.
-            while child.supervisor.log_tail(1) != ["line 4"]:
-                await trio.sleep(0.01)
+            await wait_until(lambda: child.supervisor.log_tail(1) == ["line 4"])
             nursery.cancel_scope.cancel()
     assert child.supervisor.log_tail() == ["line 2", "line 3", "line 4"]
     assert child.supervisor.log_tail(1) == ["line 4"]

@@ -11,6 +11,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, 
 
 from backends.remote.websocket import WebSocketBackend, WebSocketBackendSettings
 from backends.types import BackendStatus, Task
+from tests.conftest import wait_until
 
 STATUS = {
     "backend_status": {
@@ -81,8 +82,7 @@ async def test_a_connection_lost_during_a_health_check_is_a_reconnect_not_a_cras
         backend = backend_for(await serve(nursery, node))
         with trio.fail_after(10):
             await nursery.start(backend.run)
-            while node.connections < 2 or backend.status is not BackendStatus.HEALTHY:
-                await trio.sleep(0.05)
+        await wait_until(lambda: node.connections >= 2 and backend.status is BackendStatus.HEALTHY)
         assert node.statuses >= 3  # asked again on the new connection
         nursery.cancel_scope.cancel()
 
@@ -95,8 +95,7 @@ async def test_a_connection_lost_between_pong_and_status_is_a_reconnect_not_a_cr
         backend = backend_for(await serve(nursery, node))
         with trio.fail_after(10):
             await nursery.start(backend.run)
-            while node.connections < 2 or backend.status is not BackendStatus.HEALTHY:
-                await trio.sleep(0.05)
+        await wait_until(lambda: node.connections >= 2 and backend.status is BackendStatus.HEALTHY)
         nursery.cancel_scope.cancel()
 
 
@@ -106,7 +105,6 @@ async def test_a_connection_lost_while_connecting_is_retried() -> None:
         backend = backend_for(await serve(nursery, node))
         with trio.fail_after(10):
             await nursery.start(backend.run)
-            while backend.status is not BackendStatus.HEALTHY:
-                await trio.sleep(0.05)
+        await wait_until(lambda: backend.status is BackendStatus.HEALTHY)
         assert node.connections >= 2
         nursery.cancel_scope.cancel()

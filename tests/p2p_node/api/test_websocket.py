@@ -25,8 +25,8 @@ from websockets.exceptions import InvalidStatus
 from backends.types import BackendStatus
 from p2p_node.api.websocket import WebSocketSettings
 from p2p_node.ws_client import NodeClient, NodeError, RequestCancelled
-from tests.conftest import NodeProcess
-from tests.p2p_node.api.ws_helpers import ScriptBackend, collect, collect_all, eventually, serve_in_process, ws_session
+from tests.conftest import NodeProcess, wait_until
+from tests.p2p_node.api.ws_helpers import ScriptBackend, collect, collect_all, serve_in_process, ws_session
 
 TINY = "tiny-random-llama"
 FAST_EVENTS = WebSocketSettings(event_interval_s=0.05, metrics_interval_s=0.2)
@@ -293,7 +293,7 @@ async def test_a_client_leaving_mid_stream_closes_the_backend_stream() -> None:
             await ws.send(inference("y", "go", max_tokens=10_000))
             await ws.recv_until(lambda m: m["type"] == "inference_chunk" and m["request_id"] == "y")
             assert backend.open_streams == 2
-        await eventually(lambda: not backend.open_streams and not node.manager.pending)
+        await wait_until(lambda: not backend.open_streams and not node.manager.pending)
     assert backend.closed_streams == 2
 
 

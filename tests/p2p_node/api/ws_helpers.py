@@ -120,13 +120,6 @@ async def collect_all(
     return {request_id: (chunks[request_id], ends[request_id]) for request_id in request_ids}
 
 
-async def eventually(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Waits until `condition()` holds: for state other components own and signal nothing about."""
-    with trio.fail_after(within_s):
-        while not condition():  # noqa: ASYNC110
-            await trio.sleep(0.01)
-
-
 # ---- a backend with a script -----------------------------------------------------------
 
 

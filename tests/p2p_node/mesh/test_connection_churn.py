@@ -14,6 +14,7 @@ from libp2p.rcmgr import Direction
 
 from p2p_node.mesh import wire
 from p2p_node.mesh.host import tcp_port
+from tests.conftest import wait_until
 from tests.p2p_node.mesh.test_host import (
     HEALING,
     PartitionableLink,
@@ -21,7 +22,6 @@ from tests.p2p_node.mesh.test_host import (
     collect,
     connections,
     start_host,
-    wait_until,
 )
 
 # Lowered from libp2p's 250 (max_connections - min_connections) so the test churns past it.

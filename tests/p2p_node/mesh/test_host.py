@@ -15,6 +15,7 @@ from libp2p.peer.id import ID
 from p2p_node.mesh import wire
 from p2p_node.mesh.framed import FramedStream, StreamBroken
 from p2p_node.mesh.host import MeshHost, MeshSettings, tcp_port
+from tests.conftest import wait_until
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -54,13 +55,6 @@ async def start_host(
     )
     await nursery.start(host.run)
     return host
-
-
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-    # Polling is the point: these are observations of state owned by libp2p's tasks.
-    with trio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110
-            await trio.sleep(0.05)
 
 
 async def collect(host: MeshHost, peer: str, prompt: str, request_id: str = "r1") -> list[dict[str, Any]]:
