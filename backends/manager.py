@@ -18,6 +18,7 @@ from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+import outcome
 import trio
 
 from backends.base import Backend
@@ -32,7 +33,8 @@ from backends.errors import (
     UnsupportedTaskError,
 )
 from backends.failover import AnswerSoFar, may_fail_over
-from backends.metrics import RequestObserver
+from backends.hedging import HEDGE_AFTER_FACTOR, HedgeBudget, HedgeLost, hedge_delay_s, race_first_chunk
+from backends.metrics import RequestObserver, StreamTiming
 from backends.reporting import backend_report
 from backends.resilience import CircuitBreaker, RetryState, backoff_s, is_backend_fault, may_retry
 from backends.running import run_restarting
@@ -75,6 +77,10 @@ class ManagerSettings:
     health_check_interval_s: float = 30.0
     health_check_timeout_s: float = 5.0
     default_timeout_s: float = 300.0
+    # best_performance hedges a stream whose first token is later than this many times the
+    # best expected TTFT (backends/hedging.py), for at most this share of requests.
+    hedge_after_factor: float = HEDGE_AFTER_FACTOR
+    hedge_ratio: float = 0.1
 
 
 class BackendManager:
@@ -103,6 +109,9 @@ class BackendManager:
         self._nursery: trio.Nursery | None = None
         self._backend_scopes: dict[str, trio.CancelScope] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._hedge_budget = HedgeBudget(self.settings.hedge_ratio)
+        self.hedges_started = 0
+        self.hedges_won = 0  # the hedge's answer was kept
 
     # ---- registry -------------------------------------------------------------------
 
@@ -240,7 +249,7 @@ class BackendManager:
             ttft_s=perf.ttft_s.value if perf else None,
             tpot_s=perf.tpot_s.value if perf else None,
             samples=perf.samples if perf else 0,
-            sample_age_s=time.monotonic() - perf.ttft_s.updated_at if perf and perf.samples else 0.0,
+            sample_age_s=trio.current_time() - perf.ttft_s.updated_at if perf and perf.samples else 0.0,
         )
 
     def _pick(self, candidates: list[Candidate]) -> Candidate:
@@ -289,7 +298,7 @@ class BackendManager:
             self._idle.set()
         metrics = backend.metrics
         metrics.in_flight -= 1
-        latency = time.monotonic() - started
+        latency = trio.current_time() - started
         code: str | None = None
         self._update_breaker(backend, error)
         if error is None:
@@ -338,42 +347,59 @@ class BackendManager:
         shown = AnswerSoFar()
         tried: set[str] = set()
         retry = RetryState()
+        hedge: _Hedge | None = None  # a hedge that answered first: the next attempt, already running
         while True:
-            backend = await self._select_for_attempt(
-                task, request.model, tried, retry, ctx, need_continuation=shown.handed_over
-            )
-            emitted = False
-            started = time.monotonic()
-            last_token_at = started
+            first: outcome.Outcome[GenerationChunk] | None = None
+            if hedge is not None:
+                backend, opened, started, first = hedge.backend, hedge.chunks, hedge.started, hedge.first
+                hedge = None
+                tried.add(backend.id)
+                ctx.served_by = backend.id
+            else:
+                backend = await self._select_for_attempt(
+                    task, request.model, tried, retry, ctx, need_continuation=shown.handed_over
+                )
+                started = trio.current_time()
+                self._enter(backend, task, request.model)
+                opened = backend.stream(request, ctx)
+            timing = StreamTiming(backend.metrics, backend.id, request.model, started, self.observer)
             usage_prompt = usage_completion = 0
             error: BaseException | None = None
-            self._enter(backend, task, request.model)
             try:
-                async with aclosing(backend.stream(request, ctx)) as chunks:
+                async with aclosing(opened) as chunks:
+                    if first is None and not shown.tokens and (hedge_at := self._hedge_at(backend, request)):
+                        hedge, first, failed = await self._race(backend, chunks, hedge_at, request, ctx, tried)
+                        if hedge is not None:
+                            raise HedgeLost(f"{hedge.backend.id} answered first", failed)
                     while True:
-                        chunk = await self._next_before_deadline(chunks, ctx)
+                        if first is not None:
+                            chunk, first = _unwrap_step(first), None
+                        else:
+                            chunk = await self._next_before_deadline(chunks, ctx)
                         if chunk is None:
                             break
-                        now = time.monotonic()
                         if chunk.text:
-                            self._record_token_timing(backend, request.model, emitted, started, last_token_at, now)
-                            last_token_at = now
-                            emitted = True
+                            timing.token(trio.current_time())
                         if chunk.usage is not None:
                             usage_prompt = chunk.usage.prompt_tokens
                             usage_completion = chunk.usage.completion_tokens
                             chunk = replace(chunk, usage=shown.merged(chunk.usage))
                         shown.add(chunk)
                         yield chunk
-                self._record_throughput(backend, request.model, usage_completion, started, last_token_at)
+                timing.finish(usage_completion)
                 return
+            except HedgeLost as exc:
+                error = exc.failed or exc
+                if exc.failed is None:
+                    self._record_lost_race(backend, request.model, started)
+                continue
             except BaseException as exc:
                 error = exc
-                if self._may_retry(exc, emitted, len(tried)):
+                if self._may_retry(exc, timing.emitted, len(tried)):
                     retry.failed(exc, _context_window(backend, task, request.model))
                     log.warning("backend %s failed before output (%s); retrying elsewhere", backend.id, exc)
                     continue
-                if emitted and may_fail_over(exc, attempts=len(tried), max_attempts=self.settings.max_attempts):
+                if timing.emitted and may_fail_over(exc, attempts=len(tried), max_attempts=self.settings.max_attempts):
                     continued = shown.continued(original)
                     if continued is None:
                         yield shown.final_chunk()
@@ -390,6 +416,83 @@ class BackendManager:
                 raise
             finally:
                 self._exit(backend, task, request.model, started, error, usage_prompt, usage_completion)
+
+    # ---- hedging --------------------------------------------------------------------
+
+    def _hedge_at(self, backend: Backend, request: GenerationRequest) -> float | None:
+        """When to hedge this request's first token on `backend` (trio clock), or None."""
+        if self.settings.strategy is not Strategy.BEST_PERFORMANCE or self.settings.hedge_ratio <= 0:
+            return None
+        self._hedge_budget.earn()
+        model = request.model
+        serving = [
+            self._candidate(b, model) for b in self._backends.values() if b.capabilities.serves(request.task, model)
+        ]
+        chosen = self._candidate(backend, model)
+        delay = hedge_delay_s(chosen, serving, self.settings.hedge_after_factor)
+        return None if delay is None else trio.current_time() + delay
+
+    async def _race(
+        self,
+        backend: Backend,
+        chunks: AsyncGenerator[GenerationChunk, None],
+        hedge_at: float,
+        request: GenerationRequest,
+        ctx: RequestContext,
+        tried: set[str],
+    ) -> tuple[_Hedge | None, outcome.Outcome[GenerationChunk], Exception | None]:
+        """The primary's first step, or a hedge's if that comes first: (the hedge if it won,
+        the winner's first step, how the primary failed if it did). A hedge that lost is
+        closed and accounted for here."""
+        started: list[_Hedge] = []
+
+        async def start_hedge() -> AsyncGenerator[GenerationChunk, None] | None:
+            try:
+                other = self.select(request.task, request.model, frozenset(tried), allow_peers=not ctx.hops)
+            except BackendUnavailableError:
+                return None
+            if not self._hedge_budget.spend():
+                return None
+            log.debug("request %s: no first token from %s yet, hedging on %s", ctx.request_id, backend.id, other.id)
+            self.hedges_started += 1
+            self._enter(other, request.task, request.model)
+            chunks = other.stream(request, ctx)
+            started.append(_Hedge(other, chunks, trio.current_time()))
+            return chunks
+
+        with self._deadline_scope(ctx) as scope:
+            race = await race_first_chunk(chunks, hedge_at, start_hedge)
+        if scope.cancelled_caught:
+            for lost in started:
+                await self._close_lost(lost, request.task, request.model, HedgeLost("the request's deadline passed"))
+            raise self._deadline_error(ctx)
+        if not started:
+            return None, race.first, None
+        hedge = started[0]
+        if race.hedge_won:
+            self.hedges_won += 1
+            hedge.first = race.first
+            return hedge, race.first, race.loser_failure
+        beaten = HedgeLost(f"{backend.id} answered first", race.loser_failure)
+        await self._close_lost(hedge, request.task, request.model, beaten)
+        return None, race.first, None
+
+    async def _close_lost(self, hedge: _Hedge, task: Task, model: str, error: HedgeLost) -> None:
+        with trio.CancelScope(shield=True):
+            await hedge.chunks.aclose()
+        if error.failed is None:
+            self._record_lost_race(hedge.backend, model, hedge.started)
+        self._exit(hedge.backend, task, model, hedge.started, error.failed or error)
+
+    def _record_lost_race(self, backend: Backend, model: str, started: float) -> None:
+        """A backend that lost a race is at least this slow to its first token: a censored
+        sample, enough to stop routing to it as if it were fast (or unmeasured)."""
+        now = trio.current_time()
+        elapsed = now - started
+        perf = backend.metrics.model(model)
+        if perf.ttft_s.value is None or elapsed > perf.ttft_s.value:
+            perf.ttft_s.update(elapsed, now)
+        perf.samples += 1
 
     async def generate(self, request: GenerationRequest, ctx: RequestContext) -> GenerationResult:
         parts: list[str] = []
@@ -428,7 +531,7 @@ class BackendManager:
         retry = RetryState()
         while True:
             backend = await self._select_for_attempt(task, model, tried, retry, ctx)
-            started = time.monotonic()
+            started = trio.current_time()
             error: BaseException | None = None
             prompt_tokens = 0
             self._enter(backend, task, model)
@@ -521,28 +624,6 @@ class BackendManager:
         tried.add(backend.id)
         ctx.served_by = backend.id
         return backend
-
-    def _record_token_timing(
-        self, backend: Backend, model: str, emitted: bool, started: float, last: float, now: float
-    ) -> None:
-        perf = backend.metrics.model(model)
-        if not emitted:
-            ttft = now - started
-            backend.metrics.ttft_s.update(ttft, now)
-            perf.ttft_s.update(ttft, now)
-            perf.samples += 1
-            if self.observer:
-                self.observer.first_token(backend.id, model, ttft)
-        else:
-            perf.tpot_s.update(now - last, now)
-            if self.observer:
-                self.observer.token_gap(backend.id, model, now - last)
-
-    def _record_throughput(self, backend: Backend, model: str, tokens: int, started: float, last: float) -> None:
-        backend.metrics.tokens_generated += tokens
-        elapsed = last - started
-        if tokens > 1 and elapsed > 0:
-            backend.metrics.tokens_per_s.update(tokens / elapsed)
 
     # ---- running --------------------------------------------------------------------
 
@@ -639,7 +720,24 @@ class BackendManager:
             "default_models": {task.value: model for task, model in self.catalog.defaults.items()},
             "aliases": dict(self.catalog.aliases),
             "backends": [backend_report(b, self._breakers[b.id]) for b in self._backends.values()],
+            "hedges": {"started": self.hedges_started, "won": self.hedges_won},
         }
+
+
+@dataclass
+class _Hedge:
+    backend: Backend
+    chunks: AsyncGenerator[GenerationChunk, None]
+    started: float
+    first: outcome.Outcome[GenerationChunk] | None = None
+
+
+def _unwrap_step(step: outcome.Outcome[GenerationChunk]) -> GenerationChunk | None:
+    """A first step taken by the race, as `anext` would have given it (None: the end)."""
+    try:
+        return step.unwrap()
+    except StopAsyncIteration:
+        return None
 
 
 def _context_window(backend: Backend, task: Task, model: str) -> int:

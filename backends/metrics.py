@@ -110,3 +110,67 @@ class RequestObserver(Protocol):
         completion_tokens: int,
         error_code: str | None,
     ) -> None: ...
+
+
+# Per-token time is sampled as the mean gap over this many tokens: single gaps mostly
+# measure how chunks were batched on their way here (a 30 ms gap, then three of 0 ms),
+# and a peak EWMA would keep the spikes.
+TPOT_WINDOW_TOKENS = 8
+
+
+class StreamTiming:
+    """The timing of one streamed attempt: its first token (TTFT) and its per-token time,
+    recorded into the backend's figures as tokens arrive."""
+
+    __slots__ = ("_backend_id", "_gaps", "_last", "_metrics", "_model", "_observer", "_perf", "_window_from", "started")
+
+    def __init__(
+        self, metrics: BackendMetrics, backend_id: str, model: str, started: float, observer: RequestObserver | None
+    ) -> None:
+        self._metrics = metrics
+        self._perf = metrics.model(model)
+        self._backend_id = backend_id
+        self._model = model
+        self._observer = observer
+        self.started = started
+        self._last: float | None = None  # the previous token's arrival; None before the first
+        self._window_from = started
+        self._gaps = 0
+
+    @property
+    def emitted(self) -> bool:
+        return self._last is not None
+
+    def token(self, now: float) -> None:
+        last = self._last
+        self._last = now
+        if last is None:
+            ttft = now - self.started
+            self._metrics.ttft_s.update(ttft, now)
+            self._perf.ttft_s.update(ttft, now)
+            self._perf.samples += 1
+            self._window_from = now
+            if self._observer:
+                self._observer.first_token(self._backend_id, self._model, ttft)
+            return
+        if self._observer:
+            self._observer.token_gap(self._backend_id, self._model, now - last)
+        self._gaps += 1
+        if self._gaps >= TPOT_WINDOW_TOKENS:
+            self._flush(now)
+
+    def finish(self, completion_tokens: int) -> None:
+        """The stream ended normally: the last window, and the attempt's token rate."""
+        if self._last is None:
+            return
+        if self._gaps:
+            self._flush(self._last)
+        self._metrics.tokens_generated += completion_tokens
+        elapsed = self._last - self.started
+        if completion_tokens > 1 and elapsed > 0:
+            self._metrics.tokens_per_s.update(completion_tokens / elapsed)
+
+    def _flush(self, now: float) -> None:
+        self._perf.tpot_s.update((now - self._window_from) / self._gaps, now)
+        self._window_from = now
+        self._gaps = 0

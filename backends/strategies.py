@@ -67,6 +67,9 @@ STALE_AFTER_S = 30.0
 # Inference servers batch: up to about this many requests in flight don't slow each
 # other much. Weighting load by it keeps a busy fast backend ahead of an idle slow one.
 ASSUMED_PARALLELISM = 4
+# A candidate whose expected cost is more than this many times the cheapest one's is left
+# out of the two choices (see best_performance).
+OUTLIER_FACTOR = 3.0
 
 
 def best_performance(
@@ -77,11 +80,12 @@ def best_performance(
 ) -> Candidate:
     """Power of two choices over expected latency.
 
-    Cost of a candidate = (TTFT + expected_tokens * TPOT) * (1 + load / parallelism), from
+    Cost of a candidate = (TTFT + expected_tokens * TPOT) * max(1, (load + 1) / parallelism), from
     peak EWMAs: first-token and per-token times stay separate figures, combined only for
     the decision at hand. The measured times already contain the effect of the load they
     were measured under, so load counts only beyond what a batching server absorbs.
-    Unmeasured candidates are explored first; stale idle ones are re-probed.
+    Unmeasured candidates are explored first; stale idle ones are re-probed; the two
+    choices are drawn from the candidates within `OUTLIER_FACTOR` of the cheapest.
     """
     unexplored = [c for c in candidates if c.samples < EXPLORATION_SAMPLES]
     if unexplored:
@@ -91,14 +95,26 @@ def best_performance(
         return max(stale, key=lambda c: (c.sample_age_s, rng.random()))
     if len(candidates) == 1:
         return candidates[0]
-    first, second = rng.sample(list(candidates), 2)
-    return min((first, second), key=lambda c: (_cost(c, expected_tokens, parallelism), rng.random()))
+    # A candidate measured only up to its first token (a hedge it lost, a one-token
+    # answer) is assumed as slow per token as the slowest known, not free.
+    unknown_tpot = max((c.tpot_s for c in candidates if c.tpot_s is not None), default=0.0)
+    costs = {c.backend_id: _cost(c, expected_tokens, parallelism, unknown_tpot) for c in candidates}
+    # Latency outliers sit out: with two of five backends far slower, two random choices
+    # would pair them (and send them a request) one time in ten, which is the p99. They
+    # come back as soon as load makes the fast ones as costly, or when stale (re-probed).
+    cheapest = min(costs.values())
+    pool = [c for c in candidates if costs[c.backend_id] <= OUTLIER_FACTOR * cheapest]
+    if len(pool) == 1:
+        return pool[0]
+    first, second = rng.sample(pool, 2)
+    return min((first, second), key=lambda c: (costs[c.backend_id], c.load, rng.random()))
 
 
-def _cost(candidate: Candidate, expected_tokens: int, parallelism: int) -> float:
+def _cost(candidate: Candidate, expected_tokens: int, parallelism: int, unknown_tpot_s: float = 0.0) -> float:
     ttft = candidate.ttft_s or 0.0
-    tpot = candidate.tpot_s or 0.0
-    return (ttft + expected_tokens * tpot) * (1 + candidate.load / parallelism)
+    tpot = candidate.tpot_s if candidate.tpot_s is not None else unknown_tpot_s
+    # This request joins `load` others: within what the server batches, none waits.
+    return (ttft + expected_tokens * tpot) * max(1.0, (candidate.load + 1) / parallelism)
 
 
 Picker = Callable[[Sequence[Candidate]], Candidate]

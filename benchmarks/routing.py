@@ -87,6 +87,7 @@ class Record:
     tokens: int
     error: str | None
     finished: float  # seconds after the run started
+    served_by: str = ""  # ours only: the backend that gave the answer
 
     @classmethod
     def of(cls, raw: dict[str, Any]) -> Record:
@@ -111,6 +112,7 @@ class Summary:
     records: list[Record]
     max_tokens: int
     shares: dict[str, int] = field(default_factory=dict)
+    hedges: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> list[Record]:
@@ -152,7 +154,9 @@ async def upstream_shares(urls: list[str], names: list[str]) -> dict[str, int]:
     return shares
 
 
-async def run_ours(strategy: str, urls: list[str], names: list[str], job: dict[str, Any]) -> list[Record]:
+async def run_ours(
+    strategy: str, urls: list[str], names: list[str], job: dict[str, Any], hedges: dict[str, int]
+) -> list[Record]:
     manager = BackendManager(
         ManagerSettings(strategy=Strategy.parse(strategy), max_pending_requests=100_000), rng=random.Random(job["seed"])
     )
@@ -171,9 +175,10 @@ async def run_ours(strategy: str, urls: list[str], names: list[str], job: dict[s
         ttft: float | None = None
         tokens = 0
         error: str | None = None
+        ctx = RequestContext()
         with trio.move_on_after(job["client_timeout_s"]) as scope:
             try:
-                async with aclosing(manager.stream(request, RequestContext())) as chunks:
+                async with aclosing(manager.stream(request, ctx)) as chunks:
                     async for chunk in chunks:
                         if chunk.text:
                             if ttft is None:
@@ -184,7 +189,7 @@ async def run_ours(strategy: str, urls: list[str], names: list[str], job: dict[s
         if scope.cancelled_caught:
             error = f"client gave up after {job['client_timeout_s']} s"
         now = time.perf_counter()
-        records.append(Record(index, ttft, now - sent, tokens, error, now - start_perf))
+        records.append(Record(index, ttft, now - sent, tokens, error, now - start_perf, ctx.served_by or ""))
 
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
@@ -194,6 +199,7 @@ async def run_ours(strategy: str, urls: list[str], names: list[str], job: dict[s
             for index, offset in enumerate(job["arrivals"]):
                 requests.start_soon(one, index, offset, start, start_perf)
         nursery.cancel_scope.cancel()
+    hedges.update(manager.status_report()["hedges"])  # type: ignore[arg-type]
     return sorted(records, key=lambda r: r.index)
 
 
@@ -227,6 +233,13 @@ def print_report(summaries: list[Summary], names: list[str], args: argparse.Name
     print("|---|---|" + "---:|" * len(names))
     for s in summaries:
         print(f"| {s.router} | {s.strategy} | " + " | ".join(str(s.shares.get(n, 0)) for n in names) + " |")
+    print("\nThe slowest 1% of each of our runs (e2e ms, the upstream that answered), and hedges:\n")
+    for s in summaries:
+        if s.router != "p2p-node":
+            continue
+        slowest = sorted(s.ok, key=lambda r: r.e2e, reverse=True)[: max(1, len(s.ok) // 100)]
+        tail = ", ".join(f"{ms(r.e2e)} {r.served_by}" for r in slowest)
+        print(f"- {s.strategy}: {tail}; hedges started {s.hedges.get('started', 0)}, won {s.hedges.get('won', 0)}")
     if note:
         print(f"\n{note}")
     for s in summaries:
@@ -275,8 +288,9 @@ def main() -> None:
     with running_upstreams(profiles) as urls:
         for strategy in args.strategies:
             started = time.monotonic()
+            hedges: dict[str, int] = {}
             if strategy in OURS:
-                records = trio.run(run_ours, strategy, urls, names, job)
+                records = trio.run(run_ours, strategy, urls, names, job, hedges)
                 router = "p2p-node"
             elif python is not None:
                 job.update(strategy=strategy, urls=urls, names=names)
@@ -284,7 +298,9 @@ def main() -> None:
                 router = "LiteLLM"
             else:
                 continue
-            summary = Summary(router, strategy, records, args.max_tokens, trio.run(upstream_shares, urls, names))
+            summary = Summary(
+                router, strategy, records, args.max_tokens, trio.run(upstream_shares, urls, names), hedges
+            )
             summaries.append(summary)
             print(
                 f"[{router} {strategy}] {time.monotonic() - started:.0f} s: e2e p50 {ms(summary.e2e(0.5))} ms, "

@@ -92,6 +92,11 @@ class RoutingConfig(_Section):
     failure_threshold: int = Field(default=3, ge=1)  # consecutive failures that eject a backend
     cooldown: float = Field(default=5.0, gt=0)  # first ejection; doubles on each repeated trip
     max_cooldown: float = Field(default=300.0, gt=0)
+    # best_performance only: a stream with no first token after hedge_after x the best
+    # expected TTFT is also sent to the next-best backend, the faster answer kept; hedges
+    # stay under hedge_ratio of requests. hedge_ratio = 0 turns hedging off.
+    hedge_after: float = Field(default=2.0, ge=1.0)
+    hedge_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -256,6 +261,8 @@ _ENV: list[tuple[str, str, str, Any]] = [
     ("P2P_NODE_MAX_ATTEMPTS", "routing", "max_attempts", int),
     ("P2P_NODE_FAILURE_THRESHOLD", "routing", "failure_threshold", int),
     ("P2P_NODE_EJECTION_COOLDOWN", "routing", "cooldown", float),
+    ("P2P_NODE_HEDGE_AFTER", "routing", "hedge_after", float),
+    ("P2P_NODE_HEDGE_RATIO", "routing", "hedge_ratio", float),
     ("P2P_NODE_LOG_LEVEL", "logging", "level", str.upper),
     ("LOG_LEVEL", "logging", "level", str.upper),
     ("P2P_NODE_LOG_FORMAT", "logging", "format", str.lower),

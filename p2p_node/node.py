@@ -79,6 +79,8 @@ class Node:
                 failure_threshold=config.routing.failure_threshold,
                 base_cooldown_s=config.routing.cooldown,
                 max_cooldown_s=config.routing.max_cooldown,
+                hedge_after_factor=config.routing.hedge_after,
+                hedge_ratio=config.routing.hedge_ratio,
             ),
             ModelCatalog.from_config(
                 {

@@ -93,3 +93,30 @@ def test_best_performance_reprobes_a_stale_idle_backend_once_in_a_while() -> Non
         "stale", in_flight=1, queue_size=0, ttft_s=5.0, tpot_s=1.0, samples=10, sample_age_s=STALE_AFTER_S + 1
     )
     assert best_performance([fresh, busy_stale], random.Random(1)).backend_id == "fresh"
+
+
+def pool_of_five(fast_load: int) -> list[Candidate]:
+    def c(name: str, ttft: float, tpot: float, load: int = 0) -> Candidate:
+        return Candidate(name, in_flight=load, queue_size=0, ttft_s=ttft, tpot_s=tpot, samples=10)
+
+    return [
+        c("fast-a", 0.05, 0.01, fast_load),
+        c("fast-b", 0.05, 0.01, fast_load),
+        c("slow-2x", 0.10, 0.02),
+        c("slow-4x", 0.20, 0.04),
+        c("slow-5x", 0.25, 0.05),
+    ]
+
+
+def test_best_performance_leaves_latency_outliers_out_of_the_two_choices() -> None:
+    # Two random choices out of five pair the two slowest one time in ten.
+    rng = random.Random(5)
+    picks = Counter(best_performance(pool_of_five(fast_load=0), rng).backend_id for _ in range(1000))
+    assert picks["slow-4x"] == picks["slow-5x"] == 0
+    assert picks["fast-a"] + picks["fast-b"] == 1000  # slow-2x is in, but loses every pair it can draw
+
+
+def test_best_performance_brings_outliers_back_when_load_makes_the_fast_ones_as_costly() -> None:
+    rng = random.Random(5)
+    picks = Counter(best_performance(pool_of_five(fast_load=20), rng).backend_id for _ in range(1000))
+    assert picks["slow-4x"] > 0 and picks["slow-5x"] > 0

@@ -47,6 +47,14 @@ def test_seed_environment_names_are_honoured() -> None:
     assert config.models.aliases == {"gpt-4": "SmolLM2-135M-Instruct"}
 
 
+def test_hedging_is_configured_in_the_file_or_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text("[routing]\nstrategy = 'best_performance'\nhedge_after = 3\n")
+    config = load_config(path, env={"P2P_NODE_HEDGE_RATIO": "0"})
+    assert (config.routing.hedge_after, config.routing.hedge_ratio) == (3.0, 0.0)
+    assert load_config(env={}).routing.hedge_ratio == 0.1
+
+
 def test_config_file_from_environment_variable(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text("[server]\nport = 9300\n")
@@ -63,6 +71,8 @@ def test_config_file_from_environment_variable(tmp_path: Path) -> None:
         ("", {"MAX_BATCH_SIZE": "lots"}, "MAX_BATCH_SIZE"),
         ("", {"P2P_NODE_MODEL_ALIASES": "nonsense"}, "NAME=MODEL"),
         ("", {"P2P_NODE_PEER_PROTOCOLS": "http,carrier-pigeon"}, "mesh.peer_protocols"),
+        ("[routing]\nhedge_ratio = 2\n", {}, "routing.hedge_ratio"),
+        ("", {"P2P_NODE_HEDGE_AFTER": "0.5"}, "routing.hedge_after"),
     ],
 )
 def test_bad_configuration_names_the_problem(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
