@@ -246,18 +246,30 @@ def _known_task(name: str) -> bool:
     return True
 
 
+async def _sse_lines(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """The body's lines as bytes. httpx's aiter_lines decodes to text and splits through
+    two incremental decoders; per token that cost more than the rest of our relay."""
+    pending = b""
+    async for data in response.aiter_bytes():
+        *complete, pending = (pending + data).split(b"\n")
+        for line in complete:
+            yield line.rstrip(b"\r")
+    if pending:
+        yield pending.rstrip(b"\r")
+
+
 async def _parse_sse(response: httpx.Response, backend_id: str, *, chat: bool) -> AsyncGenerator[GenerationChunk, None]:
     """OpenAI's SSE stream → our chunks. The final chunk carries finish_reason and usage."""
     finish: str | None = None
     usage: Usage | None = None
     content_chunks = 0
     done = False
-    lines = response.aiter_lines()
+    lines = _sse_lines(response)
     async for line in lines:
-        if not line.startswith("data:"):
+        if not line.startswith(b"data:"):
             continue  # comments, event names, keep-alives
         data = line[5:].strip()
-        if data == "[DONE]":
+        if data == b"[DONE]":
             done = True
             break
         event = json.loads(data)

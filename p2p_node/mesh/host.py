@@ -149,6 +149,20 @@ class MeshHost:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+                await self._close_everything()
+
+    async def _close_everything(self) -> None:
+        """libp2p closes its connections and listeners on the way out too, but unshielded:
+        cancelled, it stops at the first, leaving sockets open (a stopped host still
+        accepted TCP connections) for as long as the process lives."""
+        network = self._host.get_network()
+        await self._close_connections([c for conns in network.get_connections_map().values() for c in conns])
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S):
+            for listener in list(network.listeners.values()):
+                try:
+                    await listener.close()
+                except Exception as exc:
+                    log.debug("closing a listener: %s", exc)
 
     def connect(self, address: str) -> None:
         """Keep a connection to the peer at `address` (a /p2p/ multiaddr), redialing with

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
+import httpx
 import pytest
 import trio
 
@@ -16,7 +17,7 @@ from backends.errors import (
     ModelNotFoundError,
     OverloadedError,
 )
-from backends.remote.openai_compat import OpenAIBackendSettings, OpenAICompatibleBackend
+from backends.remote.openai_compat import OpenAIBackendSettings, OpenAICompatibleBackend, _sse_lines
 from backends.types import (
     BackendStatus,
     ChatRequest,
@@ -170,3 +171,17 @@ async def test_rerank_results_are_sorted_and_cut_to_top_n() -> None:
     async with running() as (backend, _):
         result = await backend.rerank(RerankRequest("q", ("aa", "aaaa", "a"), "echo", top_n=2), RequestContext())
     assert [(h.index, h.relevance_score) for h in result.hits] == [(1, 4.0), (0, 2.0)]
+
+
+class _Pieces(httpx.AsyncByteStream):
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = pieces
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            yield piece
+
+
+async def test_sse_lines_split_across_reads_and_ending_in_crlf_come_out_whole() -> None:
+    response = httpx.Response(200, stream=_Pieces(b'data: {"a"', b":1}\r\n\r\ndata: [DO", b"NE]\r\n", b": tail"))
+    assert [line async for line in _sse_lines(response)] == [b'data: {"a":1}', b"", b"data: [DONE]", b": tail"]

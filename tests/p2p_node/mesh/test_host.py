@@ -347,3 +347,16 @@ async def test_a_request_made_while_the_connection_closes_goes_over_a_fresh_one(
     await closing.event_closed.wait()  # set as the close begins: for a few ms it's still registered
     assert closing in connections(b, a)
     assert (await collect(b, a.peer_id, "still answered"))[-1]["t"] == wire.DONE
+
+
+async def test_a_stopped_host_closes_its_connections_and_stops_listening(nursery: trio.Nursery) -> None:
+    staying = await start_host(nursery, models=["alpha"])
+    async with trio.open_nursery() as leaving_scope:
+        leaving = await start_host(leaving_scope, models=["beta"], bootstrap=[staying.addrs[0]])
+        await wait_until(lambda: leaving.peer_id in staying.peers and staying.peers[leaving.peer_id].connected)
+        leaving_network = leaving._host.get_network()
+        leaving_scope.cancel_scope.cancel()
+    assert not leaving_network.get_connections_map()
+    with pytest.raises(OSError):  # nobody listens there any more
+        await trio.open_tcp_stream("127.0.0.1", tcp_port(leaving.addrs))
+    await wait_until(lambda: not staying._connections(ID.from_base58(leaving.peer_id)), timeout=5)
