@@ -105,6 +105,13 @@ class Backend(abc.ABC):
     # ---- inference ------------------------------------------------------------------
 
     def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
+        """The answer, chunk by chunk; the last chunk carries finish_reason and usage.
+
+        The manager may take the first step in one task and the rest in another (a hedged
+        request races first chunks in child tasks), so an implementation must not hold
+        task-bound state across a yield: no trio.Lock, CapacityLimiter, cancel scope or
+        nursery open over a `yield` (memory channels and plain context managers are fine).
+        """
         raise UnsupportedTaskError(f"backend {self.id} does not generate text")
 
     async def embed(self, request: EmbeddingRequest, ctx: RequestContext) -> EmbeddingResult:

@@ -355,8 +355,9 @@ async def test_a_stopped_host_closes_its_connections_and_stops_listening(nursery
         leaving = await start_host(leaving_scope, models=["beta"], bootstrap=[staying.addrs[0]])
         await wait_until(lambda: leaving.peer_id in staying.peers and staying.peers[leaving.peer_id].connected)
         leaving_network = leaving._host.get_network()
+        open_connections = connections(leaving, staying)
         leaving_scope.cancel_scope.cancel()
+    assert open_connections and all(c.is_closed for c in open_connections)
     assert not leaving_network.get_connections_map()
     with pytest.raises(OSError):  # nobody listens there any more
         await trio.open_tcp_stream("127.0.0.1", tcp_port(leaving.addrs))
-    await wait_until(lambda: not staying._connections(ID.from_base58(leaving.peer_id)), timeout=5)
