@@ -12,6 +12,7 @@ to (unless a wildcard) and `mcp.allowed_hosts` / `mcp.allowed_origins` add more.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -68,6 +69,9 @@ class _InFlight:
         self.count = 0
         self.idle = trio.Event()
         self.idle.set()
+        # Set once the sessions are being closed: later requests get a 503 that says so
+        # (the SDK's session manager, stopped, would raise and the client see a bare 500).
+        self.closing = trio.Event()
 
     def counting(self, app: ASGIApp) -> ASGIApp:
         return _Counted(app, self)
@@ -82,6 +86,9 @@ class _Counted:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         in_flight = self.in_flight
+        if in_flight.closing.is_set():
+            await _shutting_down(send)
+            return
         in_flight.count += 1
         if in_flight.idle.is_set():
             in_flight.idle = trio.Event()
@@ -93,6 +100,14 @@ class _Counted:
                 in_flight.idle.set()
 
 
+async def _shutting_down(send: Send) -> None:
+    error = {"code": -32000, "message": "the node is shutting down and accepts no new MCP requests"}
+    body = json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
+    headers = [(b"content-type", b"application/json"), (b"retry-after", b"5"), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 @dataclass
 class McpHttp:
     """The MCP server and what the app needs from it: routes, and a lifespan to run."""
@@ -100,7 +115,6 @@ class McpHttp:
     server: MCPServer
     routes: list[BaseRoute] = field(default_factory=list)
     _in_flight: _InFlight = field(default_factory=_InFlight)
-    _closing: trio.Event = field(default_factory=trio.Event)
     _closed: trio.Event = field(default_factory=trio.Event)
 
     @classmethod
@@ -132,7 +146,7 @@ class McpHttp:
         calls: a connection still busy with one when the HTTP server begins its graceful
         shutdown is waited on for the whole timeout. Call it once the requests in flight have
         finished; MCP requests after it fail."""
-        self._closing.set()
+        self._in_flight.closing.set()
         with trio.move_on_after(timeout_s):
             await self._closed.wait()
             await self._in_flight.idle.wait()
@@ -142,12 +156,12 @@ class McpHttp:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._run_sessions)
             yield
-            self._closing.set()
+            self._in_flight.closing.set()
 
     async def _run_sessions(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with self.server.session_manager.run():
                 task_status.started()
-                await self._closing.wait()
+                await self._in_flight.closing.wait()
         finally:
             self._closed.set()
