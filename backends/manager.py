@@ -460,8 +460,13 @@ class BackendManager:
             started.append(_Hedge(other, chunks, trio.current_time()))
             return chunks
 
-        with self._deadline_scope(ctx) as scope:
-            race = await race_first_chunk(chunks, hedge_at, start_hedge)
+        try:
+            with self._deadline_scope(ctx) as scope:
+                race = await race_first_chunk(chunks, hedge_at, start_hedge)
+        except BaseException:  # the client went away mid-race: the hedge must not outlive it
+            for lost in started:
+                await self._close_lost(lost, request.task, request.model, HedgeLost("the request ended"))
+            raise
         if scope.cancelled_caught:
             for lost in started:
                 await self._close_lost(lost, request.task, request.model, HedgeLost("the request's deadline passed"))

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from backends.base import Backend
-from backends.errors import BackendFailedError
+from backends.errors import BackendFailedError, DeadlineExceededError
 from backends.hedging import HedgeBudget, hedge_delay_s, race_first_chunk
 from backends.strategies import STALE_AFTER_S, Candidate, Strategy
 from backends.types import RequestContext
@@ -165,3 +165,23 @@ async def test_a_streamed_answer_is_never_hedged_after_its_first_token(autojump_
     ctx = RequestContext()
     result = await manager.generate(chat(), ctx)  # type: ignore[attr-defined]
     assert result.text == "abcd" and ctx.served_by == "slow" and fast.calls == 1
+
+
+async def test_a_client_leaving_mid_race_leaves_nothing_in_flight(autojump_clock: trio.abc.Clock) -> None:
+    manager, fast, slow = await hedging_manager(slow_delay=5.0)
+    fast.delay = 3.0  # the hedge starts at 0.2 s and is still waiting for its first token
+    with trio.move_on_after(1.0):
+        await manager.generate(chat(), RequestContext())  # type: ignore[attr-defined]
+    assert fast.calls == 2  # the hedge did start
+    assert in_flight(fast, slow) == [0, 0] and manager.pending == 0  # type: ignore[attr-defined]
+    assert fast.closed_streams == 2 and slow.closed_streams == 1
+
+
+async def test_a_deadline_passing_mid_race_is_a_deadline_error_with_nothing_in_flight(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    manager, fast, slow = await hedging_manager(slow_delay=5.0)
+    fast.delay = 3.0
+    with pytest.raises(DeadlineExceededError):
+        await manager.generate(chat(), RequestContext(deadline=trio.current_time() + 1.0))  # type: ignore[attr-defined]
+    assert in_flight(fast, slow) == [0, 0] and manager.pending == 0  # type: ignore[attr-defined]
