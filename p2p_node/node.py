@@ -33,6 +33,7 @@ from p2p_node.api.app import ApiDependencies, create_app
 from p2p_node.api.auth import ApiKeys
 from p2p_node.backend_factory import build_backend, config_for_discovered
 from p2p_node.config import ConfigError, NodeConfig
+from p2p_node.heap import freeze_startup_heap
 from p2p_node.mcp_server.http import McpHttpSettings
 from p2p_node.mesh.host import MeshHost, MeshSettings, tcp_port
 from p2p_node.mesh.identity import IdentityError, load_or_create_identity
@@ -183,6 +184,7 @@ class Node:
                     partial(hypercorn.trio.serve, self.app, hconfig, shutdown_trigger=http_stop.wait)  # type: ignore[arg-type]
                 )
                 self.addresses.http = list(binds)
+                freeze_startup_heap()
                 log.info("node %s serving on %s", self.node_id, ", ".join(binds))
                 task_status.started(self.addresses)
                 await self._stop.wait()
