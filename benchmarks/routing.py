@@ -199,7 +199,7 @@ async def run_ours(
             for index, offset in enumerate(job["arrivals"]):
                 requests.start_soon(one, index, offset, start, start_perf)
         nursery.cancel_scope.cancel()
-    hedges.update(manager.status_report()["hedges"])  # type: ignore[arg-type]
+    hedges.update(started=manager.hedges_started, won=manager.hedges_won)
     return sorted(records, key=lambda r: r.index)
 
 

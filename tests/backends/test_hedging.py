@@ -12,6 +12,7 @@ import trio
 from backends.base import Backend
 from backends.errors import BackendFailedError, DeadlineExceededError
 from backends.hedging import HedgeBudget, hedge_delay_s, race_first_chunk
+from backends.manager import BackendManager
 from backends.strategies import STALE_AFTER_S, Candidate, Strategy
 from backends.types import RequestContext
 from tests.backends.test_manager import ScriptedBackend, chat, manager_with
@@ -99,7 +100,9 @@ async def test_a_failure_does_not_win_while_the_other_may_still_answer(autojump_
 # ---- through the manager ---------------------------------------------------------------
 
 
-async def hedging_manager(slow_delay: float, **settings: object) -> tuple[object, ScriptedBackend, ScriptedBackend]:
+async def hedging_manager(
+    slow_delay: float, **settings: object
+) -> tuple[BackendManager, ScriptedBackend, ScriptedBackend]:
     """`fast` measured by one request; `slow` registered after, unmeasured, so
     best_performance explores it with the next request."""
     fast = ScriptedBackend("fast", delay=0.1)
@@ -118,12 +121,12 @@ async def test_a_late_first_token_is_hedged_and_the_faster_answer_kept(autojump_
     manager, fast, slow = await hedging_manager(slow_delay=5.0)
     ctx = RequestContext()
     began = trio.current_time()
-    result = await manager.generate(chat(), ctx)  # type: ignore[attr-defined]
+    result = await manager.generate(chat(), ctx)
     assert result.text == "Hello!"
     assert ctx.served_by == "fast"
     assert trio.current_time() - began < 1.0  # not the 5 s the slow backend takes to start
     assert slow.calls == 1 and slow.closed_streams == 1  # asked, then cancelled and closed
-    assert in_flight(fast, slow) == [0, 0] and manager.pending == 0  # type: ignore[attr-defined]
+    assert in_flight(fast, slow) == [0, 0] and manager.pending == 0
     # What the loser showed is remembered: at least this slow to a first token.
     assert slow.metrics.model("m").ttft_s.value >= 0.2
     assert slow.metrics.requests_failed == 0  # losing a race is no fault
@@ -132,7 +135,7 @@ async def test_a_late_first_token_is_hedged_and_the_faster_answer_kept(autojump_
 async def test_a_primary_that_answers_first_after_the_hedge_started_is_kept(autojump_clock: trio.abc.Clock) -> None:
     manager, fast, slow = await hedging_manager(slow_delay=0.25)  # hedge at 0.2 s, fast answers at 0.3 s
     ctx = RequestContext()
-    result = await manager.generate(chat(), ctx)  # type: ignore[attr-defined]
+    result = await manager.generate(chat(), ctx)
     assert result.text == "Hello!" and ctx.served_by == "slow"
     assert fast.calls == 2 and fast.closed_streams == 2  # the hedge was started, then closed
     assert in_flight(fast, slow) == [0, 0]
@@ -143,7 +146,7 @@ async def test_a_primary_failing_during_the_race_is_rescued_by_the_hedge(autojum
     slow.fail_before_output = BackendFailedError("slow broke")
     ctx = RequestContext()
     began = trio.current_time()
-    result = await manager.generate(chat(), ctx)  # type: ignore[attr-defined]
+    result = await manager.generate(chat(), ctx)
     assert result.text == "Hello!" and ctx.served_by == "fast"
     # The hedge had started before the failure: no backoff, no fresh start after it.
     assert trio.current_time() - began == pytest.approx(0.2 + 4 * 0.1)
@@ -154,7 +157,7 @@ async def test_a_primary_failing_during_the_race_is_rescued_by_the_hedge(autojum
 async def test_without_budget_a_late_request_waits_for_its_backend(autojump_clock: trio.abc.Clock) -> None:
     manager, fast, _ = await hedging_manager(slow_delay=2.0, hedge_ratio=0.0)
     ctx = RequestContext()
-    await manager.generate(chat(), ctx)  # type: ignore[attr-defined]
+    await manager.generate(chat(), ctx)
     assert ctx.served_by == "slow" and fast.calls == 1
 
 
@@ -163,7 +166,7 @@ async def test_a_streamed_answer_is_never_hedged_after_its_first_token(autojump_
     slow.tokens = ["a", "b", "c", "d"]
     slow.delay = 0.15
     ctx = RequestContext()
-    result = await manager.generate(chat(), ctx)  # type: ignore[attr-defined]
+    result = await manager.generate(chat(), ctx)
     assert result.text == "abcd" and ctx.served_by == "slow" and fast.calls == 1
 
 
@@ -171,9 +174,9 @@ async def test_a_client_leaving_mid_race_leaves_nothing_in_flight(autojump_clock
     manager, fast, slow = await hedging_manager(slow_delay=5.0)
     fast.delay = 3.0  # the hedge starts at 0.2 s and is still waiting for its first token
     with trio.move_on_after(1.0):
-        await manager.generate(chat(), RequestContext())  # type: ignore[attr-defined]
+        await manager.generate(chat(), RequestContext())
     assert fast.calls == 2  # the hedge did start
-    assert in_flight(fast, slow) == [0, 0] and manager.pending == 0  # type: ignore[attr-defined]
+    assert in_flight(fast, slow) == [0, 0] and manager.pending == 0
     assert fast.closed_streams == 2 and slow.closed_streams == 1
 
 
@@ -183,5 +186,5 @@ async def test_a_deadline_passing_mid_race_is_a_deadline_error_with_nothing_in_f
     manager, fast, slow = await hedging_manager(slow_delay=5.0)
     fast.delay = 3.0
     with pytest.raises(DeadlineExceededError):
-        await manager.generate(chat(), RequestContext(deadline=trio.current_time() + 1.0))  # type: ignore[attr-defined]
-    assert in_flight(fast, slow) == [0, 0] and manager.pending == 0  # type: ignore[attr-defined]
+        await manager.generate(chat(), RequestContext(deadline=trio.current_time() + 1.0))
+    assert in_flight(fast, slow) == [0, 0] and manager.pending == 0
