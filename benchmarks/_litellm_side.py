@@ -106,8 +106,9 @@ def run_router(python: str, job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def running_proxy(python: str, upstream_url: str, port: int, model: str) -> Iterator[str]:
-    """LiteLLM's proxy (`litellm --config`, one uvicorn worker) in front of one upstream."""
+def running_proxy(python: str, upstream_url: str, port: int, model: str) -> Iterator[tuple[str, int]]:
+    """LiteLLM's proxy (`litellm --config`, one uvicorn worker) in front of one upstream: its
+    URL and process id."""
     with tempfile.TemporaryDirectory() as workdir:
         config = Path(workdir) / "litellm.yaml"
         deployment = {
@@ -133,7 +134,7 @@ def running_proxy(python: str, upstream_url: str, port: int, model: str) -> Iter
                     output = (Path(workdir) / "proxy.log").read_text()[-3000:]
                     raise RuntimeError(f"LiteLLM proxy did not start:\n{output}")
                 time.sleep(0.3)
-            yield url
+            yield url, process.pid
         finally:
             process.terminate()
             try:

@@ -71,6 +71,11 @@ class Profile:
     degrade_factor: float = 1.0
     failure_rate: float = 0.0
     seed: int = 0
+    # Tokens due on a schedule (first at TTFT, then every TPOT) rather than each one a sleep
+    # after the previous send: a token that leaves late because this shared machine's cores
+    # were busy does not push back the ones after it, as on a real server, whose GPU keeps
+    # generating while its HTTP side waits for a core.
+    scheduled: bool = False
 
 
 class HttpError(Exception):
@@ -100,11 +105,11 @@ class Upstream:
         degraded = p.degrade_after_s is not None and time.monotonic() - self.started >= p.degrade_after_s
         return (p.degrade_factor if degraded else 1.0) * max(1.0, self.in_flight / p.capacity)
 
-    async def _first_token(self) -> None:
-        await asyncio.sleep(self.profile.ttft_s * self._stretch())
+    async def _first_token(self, clock: _Clock) -> None:
+        await clock.wait(self.profile.ttft_s * self._stretch())
 
-    async def _next_token(self) -> None:
-        await asyncio.sleep(self.profile.tpot_s * self._stretch())
+    async def _next_token(self, clock: _Clock) -> None:
+        await clock.wait(self.profile.tpot_s * self._stretch())
 
     # ---- HTTP ---------------------------------------------------------------------------
 
@@ -175,9 +180,10 @@ class Upstream:
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 await self._stream(answer, include_usage, writer)
             else:
-                await self._first_token()
+                clock = _Clock(self.profile.scheduled)
+                await self._first_token(clock)
                 for _ in range(max_tokens - 1):
-                    await self._next_token()
+                    await self._next_token(clock)
                 await _send_json(writer, 200, answer.completion())
             self.stats["completed"] += 1
         finally:
@@ -190,10 +196,11 @@ class Upstream:
         )
         usage = "null" if include_usage else None
         await _send_chunk(writer, answer.event('"role":"assistant","content":""', "null", usage))
-        await self._first_token()
+        clock = _Clock(self.profile.scheduled)
+        await self._first_token(clock)
         for index in range(answer.max_tokens):
             if index:
-                await self._next_token()
+                await self._next_token(clock)
             await _send_chunk(writer, answer.event(f'"content":{json.dumps(answer.token(index))}', "null", usage))
         await _send_chunk(writer, answer.event("", '"length"', usage))
         if include_usage:
@@ -201,6 +208,24 @@ class Upstream:
         await _send_chunk(writer, b"data: [DONE]\n\n")
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+
+
+class _Clock:
+    """One answer's token timing: each wait a sleep from now, or (scheduled) until the
+    previous token's due time plus the step."""
+
+    def __init__(self, scheduled: bool) -> None:
+        self.scheduled = scheduled
+        self.due = time.monotonic()
+
+    async def wait(self, step_s: float) -> None:
+        if not self.scheduled:
+            await asyncio.sleep(step_s)
+            return
+        self.due += step_s
+        delay = self.due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 class Answer:

@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/overhead.py --quick    # 100 + 10, under a minute plus start-up
 
 One fast simulated OpenAI-compatible upstream (`_sim_upstreams.py`: TTFT 20 ms, 2 ms per
-token) is reached three ways, in one run:
+token, tokens sent on a schedule so that its pace is the simulated engine's and not how
+soon this 2-core machine gives its sleeping loop a core; `--sleep-paced` for the older
+sleep-after-each-send upstream) is reached three ways, in one run:
 
 (a) direct: the client talks to the upstream itself;
 (b) p2p-node: a real node process (`python -m p2p_node start`) whose only `[[backends]]`
@@ -19,9 +21,11 @@ that noise on this shared machine lands on all three alike: non-streamed chat la
 sequential requests (16 tokens each), then streamed chat (256 tokens each) counting
 content tokens per second of each request, send to last token (the median is reported:
 one request slowed by a neighbour on this shared machine should not set the figure).
-The upstream also counts the TCP connections it accepts while each target is measured:
-a proxy that keeps its upstream connections alive opens none after warm-up (the
-client's own idle connections expire after 5 s, hence a few on every path).
+The CPU time the proxy process (and its children) spends while streaming, per token
+relayed, is what bounds how many streams one proxy can carry. The upstream also counts
+the TCP connections it accepts while each target is measured: a proxy that keeps its
+upstream connections alive opens none after warm-up (the client's own idle connections
+expire after 5 s, hence a few on every path).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ BLOCK = 10  # requests per target before moving to the next
 
 
 @contextmanager
-def running_node(upstream_url: str) -> Iterator[str]:
+def running_node(upstream_url: str) -> Iterator[tuple[str, int]]:
+    """A node process whose only backend is the upstream: its URL and process id."""
     port = free_ports(1)[0]
     with tempfile.TemporaryDirectory() as workdir:
         config = Path(workdir) / "node.toml"
@@ -77,7 +82,7 @@ def running_node(upstream_url: str) -> Iterator[str]:
                     if process.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"node did not start:\n{log_path.read_text()[-3000:]}")
                     time.sleep(0.2)
-                yield url
+                yield url, process.pid
             finally:
                 process.send_signal(signal.SIGTERM)
                 try:
@@ -105,6 +110,25 @@ class Target:
     stream_rates: list[float] = field(default_factory=list)  # tokens/s of each streamed request
     stream_ttfts: list[float] = field(default_factory=list)
     connections: int = 0  # TCP connections the upstream accepted while this target was measured
+    pid: int | None = None  # the proxy's process, whose CPU time is counted
+    stream_cpu_s: float = 0.0  # the proxy's CPU time (its process and children) while streaming
+    streamed_tokens: int = 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
 
 
 def body(index: int, max_tokens: int, stream: bool) -> dict[str, object]:
@@ -170,10 +194,14 @@ async def measure(
         for start in range(0, streams, BLOCK // 2):
             for target in targets:
                 before = await upstream_connections()
+                cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
                 for i in range(start, min(start + BLOCK // 2, streams)):
                     tokens, seconds, ttft = await stream_once(clients[target.name], target, i, stream_tokens)
                     target.stream_rates.append(tokens / seconds)
                     target.stream_ttfts.append(ttft)
+                    target.streamed_tokens += tokens
+                if target.pid:
+                    target.stream_cpu_s += cpu_seconds(target.pid) - cpu_before
                 target.connections += await upstream_connections() - before
     finally:
         await stats.aclose()
@@ -197,22 +225,25 @@ def report(targets: list[Target], args: argparse.Namespace, note: str) -> None:
     p50_direct = percentile(direct.latencies, 0.5)
     rate_direct = percentile(direct.stream_rates, 0.5)
     added = {t.name: percentile(t.latencies, 0.5) - p50_direct for t in targets}
+    pacing = "sleep-paced" if args.sleep_paced else "scheduled tokens"
     print(
-        f"\n### Overhead: one upstream (TTFT 20 ms, 2 ms/token); {args.requests} sequential non-streamed "
+        f"\n### Overhead: one upstream (TTFT 20 ms, 2 ms/token, {pacing}); {args.requests} sequential non-streamed "
         f"requests of {args.chat_tokens} tokens, {args.streams} streamed of {args.stream_tokens} tokens\n"
     )
     print(
         "| path | p50 (ms) | p99 (ms) | added p50 vs direct (ms) | added p99 vs direct (ms) "
-        "| streamed tokens/s p50 | vs direct | streamed TTFT p50 (ms) | upstream connections opened |"
+        "| streamed tokens/s p50 | vs direct | streamed TTFT p50 (ms) | proxy CPU per streamed token (µs) "
+        "| upstream connections opened |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in targets:
         p50, p99 = percentile(t.latencies, 0.5), percentile(t.latencies, 0.99)
         rate = percentile(t.stream_rates, 0.5)
+        cpu_per_token = f"{t.stream_cpu_s / t.streamed_tokens * 1e6:.0f}" if t.pid and t.streamed_tokens else "-"
         print(
             f"| {t.name} | {p50 * 1000:.1f} | {p99 * 1000:.1f} | {added[t.name] * 1000:+.1f} | "
             f"{(p99 - percentile(direct.latencies, 0.99)) * 1000:+.1f} | {rate:.0f} | {rate / rate_direct:.3f}x | "
-            f"{percentile(t.stream_ttfts, 0.5) * 1000:.1f} | {t.connections} |"
+            f"{percentile(t.stream_ttfts, 0.5) * 1000:.1f} | {cpu_per_token} | {t.connections} |"
         )
     if "LiteLLM proxy" in added and added["LiteLLM proxy"] > 0:
         print(f"\nAdded p50, p2p-node / LiteLLM: {added['p2p-node'] / added['LiteLLM proxy']:.2f}x")
@@ -229,6 +260,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--litellm-python", help="an interpreter that has litellm (default: benchmarks/.venv-litellm)")
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument(
+        "--sleep-paced",
+        action="store_true",
+        help="the upstream sleeps TPOT after each token it sends, as before 2026-11-24 (its pace then "
+        "depends on how busy this machine's cores are), instead of sending tokens on a schedule",
+    )
     args = parser.parse_args()
     if args.quick:
         args.requests, args.streams = 100, 10
@@ -238,16 +275,19 @@ def main() -> None:
         python, why_not = _litellm_side.litellm_python(args.litellm_python)
     note = f"LiteLLM {_litellm_side.litellm_version(python)} proxy." if python else f"LiteLLM row skipped: {why_not}."
 
-    upstream = Profile("upstream", free_ports(1)[0], ttft_s=0.020, tpot_s=0.002, capacity=64)
+    upstream = Profile(
+        "upstream", free_ports(1)[0], ttft_s=0.020, tpot_s=0.002, capacity=64, scheduled=not args.sleep_paced
+    )
     with ExitStack() as stack:
         direct_url = stack.enter_context(running_upstreams([upstream]))[0]
         targets = [Target("direct", direct_url)]
-        node_url = stack.enter_context(running_node(direct_url))
-        targets.append(Target("p2p-node", node_url + "/v1"))
+        node_url, node_pid = stack.enter_context(running_node(direct_url))
+        targets.append(Target("p2p-node", node_url + "/v1", pid=node_pid))
         if python is not None:
             try:
                 proxy = _litellm_side.running_proxy(python, direct_url, free_ports(1)[0], MODEL)
-                targets.append(Target("LiteLLM proxy", stack.enter_context(proxy) + "/v1"))
+                proxy_url, proxy_pid = stack.enter_context(proxy)
+                targets.append(Target("LiteLLM proxy", proxy_url + "/v1", pid=proxy_pid))
             except RuntimeError as exc:
                 note = f"LiteLLM row skipped: {exc}"
         print(f"[overhead] targets ready: {', '.join(t.name for t in targets)}", file=sys.stderr)

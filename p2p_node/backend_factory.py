@@ -26,7 +26,7 @@ _COMMON_OPTIONS = {"connect_timeout", "headers"}
 def build_backend(config: BackendConfig) -> Backend:
     backend: Backend
     if config.type in OPENAI_COMPATIBLE:
-        _check_options(config, set())
+        _check_options(config, {"http_client"})
         backend = _openai_compatible(config)
     elif config.type == "ollama":
         _check_options(config, {"keep_alive", "raw_completions"})
@@ -210,9 +210,13 @@ def _common(config: BackendConfig) -> dict[str, Any]:
 def _openai_compatible(config: BackendConfig) -> OpenAICompatibleBackend:
     tasks = (Task.CHAT, Task.COMPLETION)
     cards = tuple(ModelCard(name, task, owned_by=config.id) for name in config.models for task in tasks)
+    http_client = str(config.options.get("http_client", "auto"))
+    if http_client not in ("auto", "httpx"):
+        raise ConfigError(f'backend {config.id!r}: http_client must be "auto" or "httpx", not {http_client!r}')
     return OpenAICompatibleBackend(
         OpenAIBackendSettings(
             **_common(config),
+            http_client=http_client,
             models=cards,
             embedding_models=tuple(config.embedding_models),
             rerank_models=tuple(config.rerank_models),

@@ -45,15 +45,21 @@ def make_client(
     base_url: str, api_key: str | None, headers: Mapping[str, str], timeout_s: float, connect_timeout_s: float
 ) -> httpx.AsyncClient:
     """The client every HTTP backend uses: our user agent, the bearer key if any, pooled connections."""
-    all_headers = {"user-agent": "p2p-node", **headers}
-    if api_key:
-        all_headers["authorization"] = f"Bearer {api_key}"
     return httpx.AsyncClient(
         base_url=base_url,
-        headers=all_headers,
+        headers=backend_headers(api_key, headers),
         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
     )
+
+
+def backend_headers(api_key: str | None, headers: Mapping[str, str]) -> dict[str, str]:
+    """What every request to a backend carries: our user agent, the bearer key if any, the
+    backend's configured headers."""
+    all_headers = {"user-agent": "p2p-node", **headers}
+    if api_key:
+        all_headers["authorization"] = f"Bearer {api_key}"
+    return all_headers
 
 
 @contextmanager

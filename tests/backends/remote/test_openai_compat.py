@@ -50,14 +50,21 @@ async def running(
         nursery.cancel_scope.cancel()
 
 
+@pytest.fixture(params=["auto", "httpx"])
+def http_client(request: pytest.FixtureRequest) -> str:
+    """Streamed generation goes through the lean client ("auto", loopback is plain http) or httpx."""
+    return str(request.param)
+
+
 async def collect(backend: OpenAICompatibleBackend, request: ChatRequest) -> list[GenerationChunk]:
     async with aclosing(backend.stream(request, RequestContext(request_id="req-1"))) as chunks:
         return [chunk async for chunk in chunks]
 
 
-async def test_streamed_chat_is_translated_chunk_by_chunk_with_upstream_usage() -> None:
-    async with running(api_key="sk-test") as (backend, standin):
+async def test_streamed_chat_is_translated_chunk_by_chunk_with_upstream_usage(http_client: str) -> None:
+    async with running(api_key="sk-test", http_client=http_client) as (backend, standin):
         chunks = await collect(backend, chat_request(temperature=0.5, seed=7, stop=("END",)))
+        assert backend.describe()["streaming_client"] == ("lean" if http_client == "auto" else "httpx")
     assert [c.text for c in chunks] == ["one", " two", " three", " four", ""]
     assert chunks[-1].finish_reason == "stop"
     assert chunks[-1].usage is not None and (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
@@ -72,26 +79,26 @@ async def test_streamed_chat_is_translated_chunk_by_chunk_with_upstream_usage() 
     assert (body["max_tokens"], body["temperature"], body["seed"], body["stop"]) == (16, 0.5, 7, ["END"])
 
 
-async def test_upstream_without_usage_counts_content_chunks() -> None:
-    async with running(OpenAIStandin(send_usage=False)) as (backend, _):
+async def test_upstream_without_usage_counts_content_chunks(http_client: str) -> None:
+    async with running(OpenAIStandin(send_usage=False), http_client=http_client) as (backend, _):
         chunks = await collect(backend, chat_request())
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
 
 
-async def test_error_event_mid_stream_is_a_backend_failure_not_a_silent_end() -> None:
-    async with running(OpenAIStandin(error_after_chunks=2)) as (backend, _):
+async def test_error_event_mid_stream_is_a_backend_failure_not_a_silent_end(http_client: str) -> None:
+    async with running(OpenAIStandin(error_after_chunks=2), http_client=http_client) as (backend, _):
         with pytest.raises(BackendFailedError, match="engine died"):
             await collect(backend, chat_request())
 
 
-async def test_stream_cut_before_finishing_is_a_backend_failure() -> None:
-    async with running(OpenAIStandin(cut_after_chunks=2)) as (backend, _):
+async def test_stream_cut_before_finishing_is_a_backend_failure(http_client: str) -> None:
+    async with running(OpenAIStandin(cut_after_chunks=2), http_client=http_client) as (backend, _):
         with pytest.raises(BackendFailedError, match="ended the stream"):
             await collect(backend, chat_request())
 
 
-async def test_consumer_closing_the_stream_closes_the_upstream_request() -> None:
-    async with running(OpenAIStandin(chunk_delay_s=0.2)) as (backend, standin):
+async def test_consumer_closing_the_stream_closes_the_upstream_request(http_client: str) -> None:
+    async with running(OpenAIStandin(chunk_delay_s=0.2), http_client=http_client) as (backend, standin):
         async with aclosing(backend.stream(chat_request("a b c d e f g h"), RequestContext())) as chunks:
             assert (await anext(chunks)).text == "a"
         with trio.fail_after(5):
@@ -114,8 +121,10 @@ async def test_consumer_closing_the_stream_closes_the_upstream_request() -> None
         (Reply(500, {"error": {"message": "boom"}}), BackendFailedError, "boom"),
     ],
 )
-async def test_upstream_error_replies_map_to_our_errors(reply: Reply, error: type[Exception], quoted: str) -> None:
-    async with running() as (backend, standin):
+async def test_upstream_error_replies_map_to_our_errors(
+    reply: Reply, error: type[Exception], quoted: str, http_client: str
+) -> None:
+    async with running(http_client=http_client) as (backend, standin):
         standin.next_reply = reply
         with pytest.raises(error) as caught:
             await collect(backend, chat_request())
@@ -183,5 +192,5 @@ class _Pieces(httpx.AsyncByteStream):
 
 
 async def test_sse_lines_split_across_reads_and_ending_in_crlf_come_out_whole() -> None:
-    response = httpx.Response(200, stream=_Pieces(b'data: {"a"', b":1}\r\n\r\ndata: [DO", b"NE]\r\n", b": tail"))
-    assert [line async for line in _sse_lines(response)] == [b'data: {"a":1}', b"", b"data: [DONE]", b": tail"]
+    body = _Pieces(b'data: {"a"', b":1}\r\n\r\ndata: [DO", b"NE]\r\n", b": tail")
+    assert [line async for line in _sse_lines(body)] == [b'data: {"a":1}', b"", b"data: [DONE]", b": tail"]
