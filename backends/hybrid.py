@@ -2,9 +2,12 @@
 
 A `HybridBackend` holds one child backend per protocol (HTTP, WebSocket, libp2p...) for the
 same remote node. Per request it tries the children in order of preference: routable ones
-first, then by measured time to first token (an unmeasured child is tried before a
-measured slow one, so every protocol gets measured), and moves to the next protocol when
-one fails before output. The manager sees one backend, with the capabilities of the
+first, then by the answer's expected duration over each protocol, its measured time to
+first token plus, for a generation, the requested tokens at its measured time per token
+(the protocols' relay costs differ per token, and a long answer is decided by them, a
+short one by the first token; an unmeasured child is tried before a measured slow one,
+so every protocol gets measured), and moves to the next protocol when one fails before
+output. The manager sees one backend, with the capabilities of the
 children together, so routing strategies weigh the node once, not once per protocol.
 
 A failover continuation (a request that carries the answer so far) only goes to children
@@ -27,6 +30,7 @@ from backends.base import Backend
 from backends.errors import BackendUnavailableError, InferenceError
 from backends.metrics import Ewma
 from backends.resilience import is_backend_fault
+from backends.strategies import STALE_AFTER_S
 from backends.types import (
     BackendStatus,
     BackendType,
@@ -62,6 +66,9 @@ class HybridBackend(Backend):
         self.children = list(children)
         self._authority = capabilities_from
         self._ttft = {child.id: Ewma(tau_s=30.0, peak=True) for child in self.children}
+        # Each sample is already a whole answer's mean; a short time constant lets a few
+        # answers through a protocol correct its first (often cold) sample.
+        self._tpot = {child.id: Ewma(tau_s=2.0) for child in self.children}
         self._failures = {child.id: 0 for child in self.children}
 
     # ---- lifecycle: the children run inside this backend's nursery --------------------
@@ -128,19 +135,20 @@ class HybridBackend(Backend):
         return {"protocols": [self._describe_child(child) for child in self.children]}
 
     def _describe_child(self, child: Backend) -> dict[str, object]:
-        ttft = self._ttft[child.id].value
+        ttft, tpot = self._ttft[child.id].value, self._tpot[child.id].value
         return {
             "id": child.id,
             "type": child.backend_type.value,
             "status": child.status.value,
             "ttft_ms": None if ttft is None else round(ttft * 1000, 2),
+            "tpot_ms": None if tpot is None else round(tpot * 1000, 3),
             "failures": self._failures[child.id],
             "endpoint": child.endpoint,
         }
 
-    def preference(self, task: object, model: str, continuation: bool = False) -> list[Backend]:
-        """Children able to serve, best first: routable, then fastest measured (unmeasured first).
-        A continuation goes only to children that can take one."""
+    def preference(self, task: object, model: str, continuation: bool = False, tokens: int = 1) -> list[Backend]:
+        """Children able to serve, best first: routable, then the shortest expected answer of
+        `tokens` tokens (unmeasured first). A continuation goes only to children that can take one."""
         able = [
             c
             for c in self.children
@@ -148,9 +156,16 @@ class HybridBackend(Backend):
             and (c.capabilities.continuation or not continuation)
         ]
 
+        now = trio.current_time()
+
         def key(child: Backend) -> tuple[int, float]:
-            ttft = self._ttft[child.id].value
-            return (0 if child.status.routable else 1, -math.inf if ttft is None else ttft)
+            ttft, tpot = self._ttft[child.id], self._tpot[child.id]
+            measured = ttft.value is not None and (tokens == 1 or tpot.value is not None)
+            if not measured or now - max(ttft.updated_at, tpot.updated_at) > STALE_AFTER_S:
+                expected = -math.inf  # measure it (again): figures of a protocol not used lately are stale
+            else:
+                expected = (ttft.value or 0.0) + (tokens - 1) * (tpot.value or 0.0)
+            return (0 if child.status.routable else 1, expected)
 
         return sorted(able, key=key)
 
@@ -158,17 +173,28 @@ class HybridBackend(Backend):
 
     async def stream(self, request: GenerationRequest, ctx: RequestContext) -> AsyncGenerator[GenerationChunk, None]:
         last: BaseException | None = None
-        for child in self.preference(request.task, request.model, request.continuation is not None):
+        wanted = request.params.max_tokens
+        for child in self.preference(request.task, request.model, request.continuation is not None, wanted):
             started = trio.current_time()
             emitted = False
+            first_at = last_at = 0.0
+            pieces = 0
             try:
                 async with aclosing(child.stream(request, ctx)) as chunks:
                     async for chunk in chunks:
-                        if chunk.text and not emitted:
-                            emitted = True
-                            self._ttft[child.id].update(trio.current_time() - started, trio.current_time())
+                        if chunk.text:
+                            last_at = trio.current_time()
+                            pieces += 1
+                            if not emitted:
+                                emitted, first_at = True, last_at
+                                self._ttft[child.id].update(last_at - started, last_at)
+                        if chunk.finish_reason is not None:
+                            # Accounted before the last yield: a consumer closes the stream
+                            # once it has the finish, so nothing after that yield runs.
+                            self._failures[child.id] = 0
+                            if pieces > 1:
+                                self._tpot[child.id].update((last_at - first_at) / (pieces - 1), last_at)
                         yield chunk
-                self._failures[child.id] = 0
                 return
             except InferenceError as exc:
                 if emitted or not is_backend_fault(exc):

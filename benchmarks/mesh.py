@@ -4,6 +4,7 @@ client sees when its peer dies, and advert traffic.
     .venv/bin/python benchmarks/mesh.py               # everything (root needed for discovery)
     .venv/bin/python benchmarks/mesh.py --quick       # fewer requests, 2 and 5 hosts
     .venv/bin/python benchmarks/mesh.py --skip-discovery
+    .venv/bin/python benchmarks/mesh.py --peer-only       # only the peer-against-local rows
 
 All nodes are real processes (`python -m p2p_node start`). The chat model is the tiny
 built-in one (random weights, ~350 tokens/s here): a fast model makes per-token overhead
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import sys
@@ -83,8 +85,15 @@ def stream_timings(url: str, max_tokens: int) -> tuple[float, float, list[float]
     return ttft, rate, arrivals
 
 
-def peer_vs_local(workdir: Path, requests: int, max_tokens: int) -> None:
+def peer_vs_local(workdir: Path, requests: int, max_tokens: int, two_machines: bool = False) -> None:
+    # Two machines emulated on this one: the serving node on the last core, the client and
+    # the asking nodes on the others (CPU affinity is inherited by the nodes started here).
+    everything = os.sched_getaffinity(0)
+    if two_machines:
+        os.sched_setaffinity(0, {max(everything)})
     server = start_node(workdir / "server", TINY_CONFIG)
+    if two_machines:
+        os.sched_setaffinity(0, everything - {max(everything)})
     bootstrap = {"LIBP2P_BOOTSTRAP_PEERS": mesh(server)["addrs"][0]}
     # One asker reaches the peer over libp2p only; the other also over the peer's HTTP API
     # and WebSocket (the default when the API is reachable) and picks the fastest per request.
@@ -113,16 +122,20 @@ def peer_vs_local(workdir: Path, requests: int, max_tokens: int) -> None:
         for asker in askers.values():
             asker.stop()
         server.stop()
+        os.sched_setaffinity(0, everything)
     ttft = {name: statistics.median(t for t, _ in timings) * 1000 for name, timings in runs.items()}
     rate = {name: statistics.median(r for _, r in timings) for name, timings in runs.items()}
-    print(f"\n### Peer-served against local ({requests} streamed requests each, {max_tokens} tokens)\n")
+    where = "; serving node on its own core, client and askers on the other" if two_machines else ""
+    print(f"\n### Peer-served against local ({requests} streamed requests each, {max_tokens} tokens{where})\n")
     print("| path | TTFT p50 (ms) | added TTFT p50 (ms) | tokens/s p50 | tokens/s ratio |")
     print("|---|---:|---:|---:|---:|")
     for name in runs:
         added = ttft[name] - ttft["local"]
         print(f"| {name} | {ttft[name]:.1f} | {added:+.1f} | {rate[name]:.1f} | {rate[name] / rate['local']:.3f} |")
-    measured = ", ".join(f"{p['id'].split('/')[-1]} {p['ttft_ms']} ms" for p in protocols)
-    print(f"\nThe hybrid's measured TTFT per protocol (peak EWMA): {measured or 'not a hybrid'}")
+    measured = ", ".join(
+        f"{p['id'].split('/')[-1]} {p['ttft_ms']} ms / {p.get('tpot_ms')} ms per token" for p in protocols
+    )
+    print(f"\nThe hybrid's measured TTFT / time per token per protocol (peak EWMAs): {measured or 'not a hybrid'}")
 
 
 def failover_gap(workdir: Path, max_tokens: int) -> None:
@@ -198,11 +211,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-discovery", action="store_true")
+    parser.add_argument("--peer-only", action="store_true", help="only the peer-against-local comparison")
+    parser.add_argument(
+        "--two-machines",
+        action="store_true",
+        help="peer against local with the serving node pinned to one core and the client and asking nodes "
+        "to the rest, as when they run on different machines",
+    )
     args = parser.parse_args()
     requests, max_tokens = (10, 64) if args.quick else (30, 128)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        peer_vs_local(workdir, requests, max_tokens)
+        peer_vs_local(workdir, requests, max_tokens, args.two_machines)
+        if args.peer_only:
+            return
         failover_gap(workdir, 600)
         advert_traffic(workdir, 15 if args.quick else 60)
         if not args.skip_discovery and netns.available():

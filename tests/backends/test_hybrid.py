@@ -12,6 +12,7 @@ import trio
 
 from backends.errors import BackendUnavailableError, InvalidRequestError
 from backends.hybrid import HybridBackend
+from backends.manager import BackendManager
 from backends.types import (
     BackendStatus,
     BackendType,
@@ -38,6 +39,39 @@ async def test_requests_settle_on_the_fastest_protocol(nursery: trio.Nursery, au
         assert (await manager.generate(chat(), RequestContext())).backend_id == "node-b"
     assert ws.calls >= 4 and http.calls <= 2  # both measured, then the faster one used
     assert len(manager.status_report()["backends"]) == 1  # type: ignore[arg-type]
+
+
+async def answer_as_the_api_does(manager: BackendManager, max_tokens: int) -> None:
+    """Stream and stop at the finish chunk: nothing after that yield runs in the backend."""
+    async with aclosing(manager.stream(chat(max_tokens=max_tokens), RequestContext())) as chunks:
+        async for chunk in chunks:
+            if chunk.finish_reason is not None:
+                break
+
+
+async def test_long_answers_go_to_the_fastest_streamer_and_short_ones_to_the_fastest_starter(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    words = [f"w{i} " for i in range(20)]
+    # WebSocket starts sooner; HTTP relays each token four times faster.
+    http = ScriptedBackend("node-b/http", words, delay=0.10, token_delay=0.05)
+    ws = ScriptedBackend("node-b/ws", words, delay=0.05, token_delay=0.20)
+    manager = manager_with(node_over(http, ws))
+    await nursery.start(manager.run)
+    for _ in range(2):  # each protocol measured once
+        await answer_as_the_api_does(manager, max_tokens=20)
+    assert (http.calls, ws.calls) == (1, 1)
+    for _ in range(3):
+        await answer_as_the_api_does(manager, max_tokens=20)
+    assert (http.calls, ws.calls) == (4, 1)  # 0.10 + 19 x 0.05 s beats 0.05 + 19 x 0.20 s
+    await answer_as_the_api_does(manager, max_tokens=1)
+    assert (http.calls, ws.calls) == (4, 2)  # one token: the first token decides
+    status = manager.status_report()["backends"][0]["details"]["protocols"]  # type: ignore[index]
+    assert [round(p["tpot_ms"]) for p in status] == [50, 200]
+    await trio.sleep(31)  # WebSocket's figures go stale: one answer measures it again
+    await answer_as_the_api_does(manager, max_tokens=20)
+    await answer_as_the_api_does(manager, max_tokens=20)
+    assert (http.calls, ws.calls) == (5, 3)
 
 
 async def test_a_failing_protocol_hands_over_within_the_request(

@@ -56,12 +56,14 @@ class ScriptedBackend(Backend):
         tokens: list[str] | None = None,
         *,
         delay: float = 0.1,
+        token_delay: float | None = None,
         fail_before_output: BaseException | None = None,
         fail_after: int | None = None,
     ) -> None:
         super().__init__(backend_id)
         self.tokens = tokens or ["Hel", "lo", "!"]
         self.delay = delay
+        self.token_delay = delay if token_delay is None else token_delay
         self.fail_before_output = fail_before_output
         self.fail_after = fail_after
         self.calls = 0
@@ -85,7 +87,7 @@ class ScriptedBackend(Backend):
                 if self.fail_after is not None and i == self.fail_after:
                     raise BackendFailedError(f"{self.id} broke mid-stream")
                 yield GenerationChunk(token)
-                await trio.sleep(self.delay)
+                await trio.sleep(self.token_delay)
             yield GenerationChunk("", finish_reason="stop", usage=Usage(3, len(self.tokens)))
         finally:
             self.closed_streams += 1
