@@ -207,6 +207,21 @@ class BackendManager:
         allow_peers: bool = True,
         need_continuation: bool = False,
     ) -> Backend:
+        pool = self._pool(task, model, exclude, min_context_window, allow_peers, need_continuation)
+        chosen = self._pick([self._candidate(b, model) for b in pool])
+        return self._backends[chosen.backend_id]
+
+    def _pool(
+        self,
+        task: Task,
+        model: str,
+        exclude: frozenset[str] = frozenset(),
+        min_context_window: int = 0,
+        allow_peers: bool = True,
+        need_continuation: bool = False,
+    ) -> list[Backend]:
+        """The backends the strategy chooses among: serving the model, not excluded, the
+        healthy and not ejected ones if any, of the most preferred fallback tier left."""
         serving = [
             b
             for b in self._backends.values()
@@ -235,10 +250,7 @@ class BackendManager:
         pool = [b for b in closed if b.status.routable] or closed or serving
         # Fallback chains: the strategy chooses within the most preferred tier left.
         first_tier = min(b.priority for b in pool)
-        pool = [b for b in pool if b.priority == first_tier]
-        candidates = [self._candidate(b, model) for b in pool]
-        chosen = self._pick(candidates)
-        return self._backends[chosen.backend_id]
+        return [b for b in pool if b.priority == first_tier]
 
     def _candidate(self, backend: Backend, model: str) -> Candidate:
         perf = backend.metrics.per_model.get(model)
@@ -367,7 +379,8 @@ class BackendManager:
             error: BaseException | None = None
             try:
                 async with aclosing(opened) as chunks:
-                    if first is None and not shown.tokens and (hedge_at := self._hedge_at(backend, request)):
+                    racing = first is None and not shown.tokens
+                    if racing and (hedge_at := self._hedge_at(backend, request, ctx, tried)) is not None:
                         hedge, first, failed = await self._race(backend, chunks, hedge_at, request, ctx, tried)
                         if hedge is not None:
                             raise HedgeLost(f"{hedge.backend.id} answered first", failed)
@@ -419,17 +432,25 @@ class BackendManager:
 
     # ---- hedging --------------------------------------------------------------------
 
-    def _hedge_at(self, backend: Backend, request: GenerationRequest) -> float | None:
-        """When to hedge this request's first token on `backend` (trio clock), or None."""
+    def _hedge_at(
+        self, backend: Backend, request: GenerationRequest, ctx: RequestContext, tried: set[str]
+    ) -> float | None:
+        """When to hedge this request's first token on `backend` (trio clock), or None.
+        Judged against the pool a hedge would be chosen from (plus `backend`): an ejected
+        backend's or a lower tier's old figures must not make the wait shorter."""
         if self.settings.strategy is not Strategy.BEST_PERFORMANCE or self.settings.hedge_ratio <= 0:
             return None
         self._hedge_budget.earn()
         model = request.model
-        serving = [
-            self._candidate(b, model) for b in self._backends.values() if b.capabilities.serves(request.task, model)
-        ]
+        try:
+            pool = self._pool(request.task, model, frozenset(tried - {backend.id}), allow_peers=not ctx.hops)
+        except BackendUnavailableError:
+            return None
+        candidates = [self._candidate(b, model) for b in pool]
         chosen = self._candidate(backend, model)
-        delay = hedge_delay_s(chosen, serving, self.settings.hedge_after_factor)
+        if backend not in pool:
+            candidates.append(chosen)
+        delay = hedge_delay_s(chosen, candidates, self.settings.hedge_after_factor)
         return None if delay is None else trio.current_time() + delay
 
     async def _race(

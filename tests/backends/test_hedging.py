@@ -14,7 +14,7 @@ from backends.errors import BackendFailedError, DeadlineExceededError
 from backends.hedging import HedgeBudget, hedge_delay_s, race_first_chunk
 from backends.manager import BackendManager
 from backends.strategies import STALE_AFTER_S, Candidate, Strategy
-from backends.types import RequestContext
+from backends.types import BackendStatus, RequestContext
 from tests.backends.test_manager import ScriptedBackend, chat, manager_with
 
 
@@ -188,3 +188,23 @@ async def test_a_deadline_passing_mid_race_is_a_deadline_error_with_nothing_in_f
     with pytest.raises(DeadlineExceededError):
         await manager.generate(chat(), RequestContext(deadline=trio.current_time() + 1.0))
     assert in_flight(fast, slow) == [0, 0] and manager.pending == 0
+
+
+async def test_an_ejected_backends_old_speed_does_not_shorten_the_wait_for_a_hedge(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # `down` was fast (0.1 s) and is now unhealthy; `steady` takes 1 s; `new` is unmeasured,
+    # explored, and answers in 0.5 s. Judged against `steady`, the only backend a hedge could
+    # go to, 0.5 s is not late (hedge after 2 x 1 s); judged against `down`'s old 0.1 s it was.
+    down, steady, new = ScriptedBackend("down"), ScriptedBackend("steady", delay=1.0), ScriptedBackend("new", delay=0.5)
+    manager = manager_with(down, steady, new, strategy=Strategy.BEST_PERFORMANCE)
+    for backend, ttft in ((down, 0.1), (steady, 1.0)):
+        performance = backend.metrics.model("m")
+        performance.ttft_s.update(ttft, trio.current_time())
+        performance.tpot_s.update(0.01, trio.current_time())
+        performance.samples = 10
+    down.status = BackendStatus.UNHEALTHY
+    ctx = RequestContext()
+    await manager.generate(chat(), ctx)
+    assert ctx.served_by == "new"
+    assert (steady.calls, down.calls, manager.hedges_started) == (0, 0, 0)
