@@ -48,7 +48,7 @@ from p2p_node.mesh import wire
 from p2p_node.mesh.framed import FramedStream, PeerSilent, StreamBroken
 from p2p_node.mesh.identity import peer_id_of
 from p2p_node.mesh.inference_streams import TERMINAL, InferenceCall, StreamPool
-from p2p_node.mesh.libp2p_workarounds import InboundHandlerReaper
+from p2p_node.mesh.libp2p_workarounds import InboundHandlerReaper, batch_yamux_window_updates
 from p2p_node.mesh.mdns import interface_addresses
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class MeshHost:
     # ---- running ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        batch_yamux_window_updates()  # one WINDOW_UPDATE per token otherwise
         noise = NoiseTransport(self.key_pair, noise_privkey=create_x25519_key_pair().private_key)
         psk = hashlib.sha256(self.settings.secret.encode()).hexdigest() if self.settings.secret else None
         self._host = new_host(

@@ -10,6 +10,35 @@ from typing import Any
 import trio
 from libp2p.abc import INotifee
 from libp2p.rcmgr import Direction
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+
+def batch_yamux_window_updates() -> None:
+    """Yamux receive-window credit goes back in batches of half a window, as go-yamux does.
+
+    py-libp2p 0.8.1 (libp2p/stream_muxer/yamux/yamux.py, `_auto_tune_and_send_window_update`,
+    its "partial slack" branch) sends a WINDOW_UPDATE after nearly every read, whatever
+    `PY_YAMUX_RELEASE_ON_READ` says: for a token stream, one frame back per token, encrypted,
+    sent, read and decrypted in Python on both sides. Credit owed is what was read and not
+    yet returned; it is returned once it reaches half the window, so a sender that has a
+    reader always has at least half a window to write into. Applies to every Yamux stream
+    of this process (the class's method is replaced once)."""
+    if getattr(YamuxStream._auto_tune_and_send_window_update, "batched", False):
+        return
+
+    async def return_credit_in_batches(self: YamuxStream, *, bytes_read: int = 0) -> None:
+        async with self.window_lock:
+            unread = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            owed = self.target_recv_window - (self.recv_window + unread)
+            if owed < self.target_recv_window // 2:
+                return
+            self.recv_window += owed
+        # Not under window_lock: libp2p's inbound WINDOW_UPDATE handling takes it.
+        await self.send_window_update(owed, skip_lock=True)
+
+    return_credit_in_batches.batched = True  # type: ignore[attr-defined]
+    YamuxStream._auto_tune_and_send_window_update = return_credit_in_batches  # type: ignore[method-assign]
+
 
 # [cancel scope, accepted connection] of the inbound handler a task runs under.
 _INBOUND_HANDLER: contextvars.ContextVar[list[Any]] = contextvars.ContextVar("inbound_handler")

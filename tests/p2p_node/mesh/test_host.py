@@ -11,6 +11,7 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 from p2p_node.mesh import wire
 from p2p_node.mesh.framed import FramedStream, StreamBroken
@@ -99,6 +100,45 @@ async def test_chunks_that_pile_up_behind_the_writer_go_out_merged(nursery: trio
     assert "".join(chunks) == "".join(w + " " for w in words)  # nothing lost, nothing reordered
     assert len(chunks) < len(words)
     assert replies[-1]["t"] == wire.DONE
+
+
+async def test_a_token_stream_does_not_send_a_window_update_back_per_token(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Yamux credit returned after every read cost a frame each way per token (py-libp2p 0.8.1).
+    updates = 0
+    send_window_update = YamuxStream.send_window_update
+
+    async def counted(self: YamuxStream, *args: Any, **kwargs: Any) -> None:
+        nonlocal updates
+        updates += 1
+        await send_window_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(YamuxStream, "send_window_update", counted)
+    a = await start_host(nursery, Served(delay=0.001))  # paced: one frame per token
+    b = await start_host(nursery, bootstrap=[a.addrs[0]])
+    await wait_until(lambda: a.peer_id in b.peers and b.peers[a.peer_id].advert)
+    before = updates
+    replies = await collect(b, a.peer_id, " ".join(f"w{i}" for i in range(100)))
+    assert len([r for r in replies if r["t"] == wire.CHUNK]) > 50
+    assert updates - before < 5  # credit goes back in batches, not one frame per read
+
+
+async def test_answers_many_windows_long_flow_through_batched_credit(nursery: trio.Nursery) -> None:
+    class Bulky(Served):
+        async def __call__(self, message: dict[str, Any], peer: str) -> AsyncGenerator[dict[str, Any], None]:
+            for _ in range(12):  # 12 x 200 KB: nine times Yamux's initial 256 KiB window
+                yield wire.chunk(message["id"], "x" * 200_000)
+            yield wire.done(message["id"], "stop", 1, 12)
+
+    a = await start_host(nursery, Bulky())
+    b = await start_host(nursery, bootstrap=[a.addrs[0]])
+    await wait_until(lambda: a.peer_id in b.peers and b.peers[a.peer_id].advert)
+    for request_id in ("r1", "r2"):  # and again on the reused stream
+        with trio.fail_after(20):
+            replies = await collect(b, a.peer_id, "big", request_id)
+        assert sum(len(r["text"]) for r in replies if r["t"] == wire.CHUNK) == 12 * 200_000
+        assert replies[-1]["t"] == wire.DONE
 
 
 async def test_consecutive_requests_to_a_peer_reuse_one_stream(nursery: trio.Nursery) -> None:
