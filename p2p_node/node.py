@@ -33,7 +33,7 @@ from p2p_node.api.app import ApiDependencies, create_app
 from p2p_node.api.auth import ApiKeys
 from p2p_node.backend_factory import build_backend, config_for_discovered
 from p2p_node.config import ConfigError, NodeConfig
-from p2p_node.heap import freeze_startup_heap
+from p2p_node.heap import freeze_after_loading, freeze_startup_heap
 from p2p_node.mcp_server.http import McpHttpSettings
 from p2p_node.mesh.host import MeshHost, MeshSettings, tcp_port
 from p2p_node.mesh.identity import IdentityError, load_or_create_identity
@@ -106,7 +106,8 @@ class Node:
                 rerank_models=dict(config.models.rerank),
                 preload=list(config.models.preload),
                 idle_unload_s=config.models.idle_unload or None,
-            )
+            ),
+            on_model_loaded=freeze_after_loading,
         )
         self.local.priority = config.routing.local_priority
         self.manager.register(self.local)
@@ -184,7 +185,6 @@ class Node:
                     partial(hypercorn.trio.serve, self.app, hconfig, shutdown_trigger=http_stop.wait)  # type: ignore[arg-type]
                 )
                 self.addresses.http = list(binds)
-                freeze_startup_heap()
                 log.info("node %s serving on %s", self.node_id, ", ".join(binds))
                 task_status.started(self.addresses)
                 await self._stop.wait()
@@ -209,6 +209,9 @@ class Node:
             nursery.start_soon(self.peering.keep_backends_in_sync, self.mesh)
             if self.config.mesh.mdns:
                 nursery.start_soon(self._run_mdns, self.mesh)
+        # Both ways of serving (HTTP, MCP on stdio) start here; models that finish loading
+        # later are frozen by the local backend's on_model_loaded.
+        freeze_startup_heap()
 
     async def _run_mdns(self, mesh: MeshHost) -> None:
         discovery = MdnsDiscovery(

@@ -12,7 +12,7 @@ import gc
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +104,17 @@ _Loaded = _Generator | _Encoder | _CrossEncoder
 class LocalBackend(Backend):
     backend_type = BackendType.LOCAL
 
-    def __init__(self, settings: LocalBackendSettings, backend_id: str = "local") -> None:
+    def __init__(
+        self,
+        settings: LocalBackendSettings,
+        backend_id: str = "local",
+        on_model_loaded: Callable[[str], object] | None = None,
+    ) -> None:
+        """`on_model_loaded(model)` runs in the event loop once a model is ready (the node
+        freezes the new long-lived objects out of the garbage collector's passes there)."""
         super().__init__(backend_id, name="local models")
         self.settings = settings
+        self._on_model_loaded = on_model_loaded
         self.device = detect_device() if settings.device == "auto" else settings.device
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self._locks: dict[str, trio.Lock] = {}
@@ -278,6 +286,8 @@ class LocalBackend(Backend):
                 await self._make_room()
                 loaded = await self._load(model)
                 self._loaded[model] = loaded
+                if self._on_model_loaded is not None:
+                    self._on_model_loaded(model)
             self._loaded.move_to_end(model)
             return loaded
 

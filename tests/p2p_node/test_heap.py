@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from p2p_node.heap import freeze_startup_heap
+from p2p_node.heap import freeze_after_loading, freeze_startup_heap
 
 
 class Node:
@@ -33,3 +33,13 @@ def test_startup_garbage_is_freed_and_the_rest_frozen(unfrozen_afterwards: None)
     assert freed() is None  # collected first, not frozen for ever
     assert frozen == gc.get_freeze_count() > 1000
     assert kept.me is kept
+
+
+def test_a_model_loaded_later_is_frozen_too(unfrozen_afterwards: None) -> None:
+    gc.unfreeze()
+    freeze_startup_heap()
+    before = gc.get_freeze_count()
+    weights = [Node() for _ in range(500)]  # what a model load leaves behind, long-lived
+    freeze_after_loading("tiny")
+    assert gc.get_freeze_count() >= before + 500
+    assert all(w.me is w for w in weights)
