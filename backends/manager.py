@@ -33,20 +33,14 @@ from backends.errors import (
     UnsupportedTaskError,
 )
 from backends.failover import AnswerSoFar, may_fail_over
-from backends.hedging import HEDGE_AFTER_FACTOR, HedgeBudget, HedgeLost, hedge_delay_s, race_first_chunk
+from backends.hedging import HEDGE_AFTER_FACTOR, HedgeBudget, HedgeLost, race_first_chunk
 from backends.metrics import RequestObserver, StreamTiming
 from backends.reporting import backend_report
 from backends.resilience import CircuitBreaker, RetryState, backoff_s, is_backend_fault, may_retry
-from backends.running import run_restarting
-from backends.strategies import (
-    Candidate,
-    Strategy,
-    best_performance,
-    least_loaded,
-    round_robin,
-)
+from backends.running import probe_health, run_in_scope
+from backends.selection import Selector, context_window
+from backends.strategies import Strategy
 from backends.types import (
-    BackendStatus,
     EmbeddingRequest,
     EmbeddingResult,
     GenerationChunk,
@@ -96,7 +90,6 @@ class BackendManager:
         self.observer = observer
         self._rng = rng or random.Random()
         self._backends: dict[str, Backend] = {}
-        self._cursor = 0
         self._pending = 0
         self._accepting = True
         self._started_at = time.monotonic()
@@ -109,6 +102,7 @@ class BackendManager:
         self._nursery: trio.Nursery | None = None
         self._backend_scopes: dict[str, trio.CancelScope] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._selector = Selector(self._backends, self._breakers, lambda: self.settings.strategy, self._rng)
         self._hedge_budget = HedgeBudget(self.settings.hedge_ratio)
         self.hedges_started = 0
         self.hedges_won = 0  # the hedge's answer was kept
@@ -207,71 +201,8 @@ class BackendManager:
         allow_peers: bool = True,
         need_continuation: bool = False,
     ) -> Backend:
-        pool = self._pool(task, model, exclude, min_context_window, allow_peers, need_continuation)
-        chosen = self._pick([self._candidate(b, model) for b in pool])
-        return self._backends[chosen.backend_id]
-
-    def _pool(
-        self,
-        task: Task,
-        model: str,
-        exclude: frozenset[str] = frozenset(),
-        min_context_window: int = 0,
-        allow_peers: bool = True,
-        need_continuation: bool = False,
-    ) -> list[Backend]:
-        """The backends the strategy chooses among: serving the model, not excluded, the
-        healthy and not ejected ones if any, of the most preferred fallback tier left."""
-        serving = [
-            b
-            for b in self._backends.values()
-            if b.id not in exclude
-            and b.capabilities.serves(task, model)
-            and (allow_peers or not b.is_peer)
-            and (b.capabilities.continuation or not need_continuation)
-        ]
-        if min_context_window:
-            # Unknown windows (0) may try: the backend will say if it's too small.
-            serving = [
-                b
-                for b in serving
-                if _context_window(b, task, model) in (0,) or _context_window(b, task, model) > min_context_window
-            ]
-        if not serving:
-            message = f"no backend is available for {task.value} with model {model!r}"
-            peers_serve = any(b.is_peer and b.capabilities.serves(task, model) for b in self._backends.values())
-            if not allow_peers and peers_serve:
-                message += " on this node (only its peers serve it, and a request from a peer is not forwarded again)"
-            raise BackendUnavailableError(message)
-        now = trio.current_time()
-        closed = [b for b in serving if not self._breakers[b.id].is_open(now)]
-        # If every candidate is marked down or ejected, try them anyway: a stale verdict
-        # must not turn into a guaranteed failure.
-        pool = [b for b in closed if b.status.routable] or closed or serving
-        # Fallback chains: the strategy chooses within the most preferred tier left.
-        first_tier = min(b.priority for b in pool)
-        return [b for b in pool if b.priority == first_tier]
-
-    def _candidate(self, backend: Backend, model: str) -> Candidate:
-        perf = backend.metrics.per_model.get(model)
-        return Candidate(
-            backend_id=backend.id,
-            in_flight=backend.metrics.in_flight,
-            queue_size=backend.queue_size(),
-            ttft_s=perf.ttft_s.value if perf else None,
-            tpot_s=perf.tpot_s.value if perf else None,
-            samples=perf.samples if perf else 0,
-            sample_age_s=trio.current_time() - perf.ttft_s.updated_at if perf and perf.samples else 0.0,
-        )
-
-    def _pick(self, candidates: list[Candidate]) -> Candidate:
-        strategy = self.settings.strategy
-        if strategy is Strategy.ROUND_ROBIN:
-            chosen, self._cursor = round_robin(candidates, self._cursor, self._rng)
-            return chosen
-        if strategy is Strategy.LEAST_LOADED:
-            return least_loaded(candidates, self._rng)
-        return best_performance(candidates, self._rng)
+        """The backend for a request (`backends.selection`)."""
+        return self._selector.select(task, model, exclude, min_context_window, allow_peers, need_continuation)
 
     # ---- dispatch -------------------------------------------------------------------
 
@@ -409,7 +340,7 @@ class BackendManager:
             except BaseException as exc:
                 error = exc
                 if self._may_retry(exc, timing.emitted, len(tried)):
-                    retry.failed(exc, _context_window(backend, task, request.model))
+                    retry.failed(exc, context_window(backend, task, request.model))
                     log.warning("backend %s failed before output (%s); retrying elsewhere", backend.id, exc)
                     continue
                 if timing.emitted and may_fail_over(exc, attempts=len(tried), max_attempts=self.settings.max_attempts):
@@ -435,22 +366,13 @@ class BackendManager:
     def _hedge_at(
         self, backend: Backend, request: GenerationRequest, ctx: RequestContext, tried: set[str]
     ) -> float | None:
-        """When to hedge this request's first token on `backend` (trio clock), or None.
-        Judged against the pool a hedge would be chosen from (plus `backend`): an ejected
-        backend's or a lower tier's old figures must not make the wait shorter."""
+        """When to hedge this request's first token on `backend` (trio clock), or None."""
         if self.settings.strategy is not Strategy.BEST_PERFORMANCE or self.settings.hedge_ratio <= 0:
             return None
         self._hedge_budget.earn()
-        model = request.model
-        try:
-            pool = self._pool(request.task, model, frozenset(tried - {backend.id}), allow_peers=not ctx.hops)
-        except BackendUnavailableError:
-            return None
-        candidates = [self._candidate(b, model) for b in pool]
-        chosen = self._candidate(backend, model)
-        if backend not in pool:
-            candidates.append(chosen)
-        delay = hedge_delay_s(chosen, candidates, self.settings.hedge_after_factor)
+        delay = self._selector.hedge_delay_s(
+            backend, request.task, request.model, frozenset(tried), not ctx.hops, self.settings.hedge_after_factor
+        )
         return None if delay is None else trio.current_time() + delay
 
     async def _race(
@@ -572,7 +494,7 @@ class BackendManager:
             except BaseException as exc:
                 error = exc
                 if self._may_retry(exc, False, len(tried)):
-                    retry.failed(exc, _context_window(backend, task, model))
+                    retry.failed(exc, context_window(backend, task, model))
                     log.warning("backend %s failed (%s); retrying elsewhere", backend.id, exc)
                     continue
                 raise
@@ -687,12 +609,7 @@ class BackendManager:
         assert self._nursery is not None
         scope = trio.CancelScope()
         self._backend_scopes[backend.id] = scope
-        await self._nursery.start(self._run_backend, backend, scope)
-
-    @staticmethod
-    async def _run_backend(backend: Backend, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
-        with scope:
-            await run_restarting(backend, task_status=task_status)
+        await self._nursery.start(run_in_scope, backend, scope)
 
     async def _health_loop(self) -> None:
         while True:
@@ -702,21 +619,7 @@ class BackendManager:
     async def check_all(self) -> None:
         async with trio.open_nursery() as nursery:
             for backend in list(self._backends.values()):
-                nursery.start_soon(self._check_one, backend)
-
-    async def _check_one(self, backend: Backend) -> None:
-        with trio.move_on_after(self.settings.health_check_timeout_s) as scope:
-            try:
-                status = await backend.check_health()
-            except Exception as exc:  # a probe failing is a verdict, not a crash
-                backend.status_detail = f"health check failed: {exc}"
-                status = BackendStatus.UNHEALTHY
-        if scope.cancelled_caught:
-            backend.status_detail = f"health check timed out after {self.settings.health_check_timeout_s}s"
-            status = BackendStatus.UNHEALTHY
-        if status != backend.status:
-            log.info("backend %s is now %s", backend.id, status.value)
-        backend.status = status
+                nursery.start_soon(probe_health, backend, self.settings.health_check_timeout_s)
 
     def stop_accepting(self, drain_s: float | None = None) -> None:
         """Refuse new requests. With `drain_s`, requests still in flight that long from now
@@ -764,8 +667,3 @@ def _unwrap_step(step: outcome.Outcome[GenerationChunk]) -> GenerationChunk | No
         return step.unwrap()
     except StopAsyncIteration:
         return None
-
-
-def _context_window(backend: Backend, task: Task, model: str) -> int:
-    card = backend.capabilities.card(task, model)
-    return (card.context_window if card else None) or backend.capabilities.context_window or 0

@@ -1,5 +1,6 @@
 """A backend's own task, kept running: one that fails after it started is restarted with
-backoff instead of taking the node (and every other backend) down with it.
+backoff instead of taking the node (and every other backend) down with it. And its
+active health check, which always ends in a verdict.
 
 A backend that fails to *start* still raises: that is a configuration error the node
 reports at start (an unreachable URL is not one: backends wait for those themselves)."""
@@ -51,3 +52,26 @@ async def run_restarting(
             backend.status_detail = f"restarting after an internal error: {exc!r}"
         await trio.sleep(backoff)
         backoff = min(backoff * 2, MAX_RESTART_BACKOFF_S)
+
+
+async def run_in_scope(backend: Backend, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
+    """`run_restarting` under `scope`, which the manager cancels to remove the backend."""
+    with scope:
+        await run_restarting(backend, task_status=task_status)
+
+
+async def probe_health(backend: Backend, timeout_s: float) -> None:
+    """One active check; its verdict becomes `backend.status`. A probe that raises or takes
+    longer than `timeout_s` is a verdict too (unhealthy, with the reason), not a crash."""
+    with trio.move_on_after(timeout_s) as scope:
+        try:
+            status = await backend.check_health()
+        except Exception as exc:
+            backend.status_detail = f"health check failed: {exc}"
+            status = BackendStatus.UNHEALTHY
+    if scope.cancelled_caught:
+        backend.status_detail = f"health check timed out after {timeout_s}s"
+        status = BackendStatus.UNHEALTHY
+    if status != backend.status:
+        log.info("backend %s is now %s", backend.id, status.value)
+    backend.status = status
