@@ -118,6 +118,10 @@ class LocalBackend(Backend):
         self.device = detect_device() if settings.device == "auto" else settings.device
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self._locks: dict[str, trio.Lock] = {}
+        # One model loads at a time: transformers' loading is not thread-safe. In a CI run
+        # (2026-11-23) SmolLM2 and MiniLM preloading side by side left SmolLM2's tied
+        # lm_head on the meta device ("Cannot copy out of meta tensor").
+        self._loading = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._closing = False
@@ -299,7 +303,11 @@ class LocalBackend(Backend):
 
     async def _load(self, model: str) -> _Loaded:
         s = self.settings
-        log.info("loading %s on %s", model, self.device)
+        async with self._loading:
+            log.info("loading %s on %s", model, self.device)
+            return await self._load_one(model, s)
+
+    async def _load_one(self, model: str, s: LocalBackendSettings) -> _Loaded:
         try:
             if model in s.chat_models:
                 return await trio.to_thread.run_sync(self._load_generator, model, s.chat_models[model])
