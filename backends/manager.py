@@ -103,6 +103,7 @@ class BackendManager:
         self._backend_scopes: dict[str, trio.CancelScope] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._selector = Selector(self._backends, self._breakers, lambda: self.settings.strategy, self._rng)
+        self.select = self._selector.select  # the backend for a request (`backends.selection`)
         self._hedge_budget = HedgeBudget(self.settings.hedge_ratio)
         self.hedges_started = 0
         self.hedges_won = 0  # the hedge's answer was kept
@@ -189,20 +190,6 @@ class BackendManager:
         if not targets:
             raise ModelNotFoundError(f"no backend offers model {model!r}", param="model")
         return targets
-
-    # ---- selection ------------------------------------------------------------------
-
-    def select(
-        self,
-        task: Task,
-        model: str,
-        exclude: frozenset[str] = frozenset(),
-        min_context_window: int = 0,
-        allow_peers: bool = True,
-        need_continuation: bool = False,
-    ) -> Backend:
-        """The backend for a request (`backends.selection`)."""
-        return self._selector.select(task, model, exclude, min_context_window, allow_peers, need_continuation)
 
     # ---- dispatch -------------------------------------------------------------------
 

@@ -72,11 +72,7 @@ class Selector:
         ]
         if min_context_window:
             # Unknown windows (0) may try: the backend will say if it's too small.
-            serving = [
-                b
-                for b in serving
-                if context_window(b, task, model) in (0,) or context_window(b, task, model) > min_context_window
-            ]
+            serving = [b for b in serving if (w := context_window(b, task, model)) == 0 or w > min_context_window]
         if not serving:
             message = f"no backend is available for {task.value} with model {model!r}"
             peers_serve = any(b.is_peer and b.capabilities.serves(task, model) for b in self._backends.values())

@@ -21,9 +21,7 @@ log = logging.getLogger(__name__)
 def freeze_startup_heap() -> int:
     """Collects what start-up left as garbage, then freezes the rest. Returns how many
     objects the collector no longer scans."""
-    gc.collect()
-    gc.freeze()
-    frozen = gc.get_freeze_count()
+    frozen = _collect_and_freeze()
     log.debug("froze %d start-up objects out of the garbage collector's passes", frozen)
     return frozen
 
@@ -31,6 +29,10 @@ def freeze_startup_heap() -> int:
 def freeze_after_loading(model: str) -> None:
     """The same for a model that finished loading: its weights' and modules' objects."""
     before = gc.get_freeze_count()
+    log.debug("froze %d more objects after loading %s", _collect_and_freeze() - before, model)
+
+
+def _collect_and_freeze() -> int:
     gc.collect()
     gc.freeze()
-    log.debug("froze %d more objects after loading %s", gc.get_freeze_count() - before, model)
+    return gc.get_freeze_count()

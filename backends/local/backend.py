@@ -302,12 +302,12 @@ class LocalBackend(Backend):
             await self._release(victim, loaded)
 
     async def _load(self, model: str) -> _Loaded:
-        s = self.settings
         async with self._loading:
             log.info("loading %s on %s", model, self.device)
-            return await self._load_one(model, s)
+            return await self._load_one(model)
 
-    async def _load_one(self, model: str, s: LocalBackendSettings) -> _Loaded:
+    async def _load_one(self, model: str) -> _Loaded:
+        s = self.settings
         try:
             if model in s.chat_models:
                 return await trio.to_thread.run_sync(self._load_generator, model, s.chat_models[model])

@@ -88,7 +88,6 @@ class LeanResponse:
     def __init__(self, connection: _Connection, head: h11.Response, request: httpx.Request, timeout_s: float) -> None:
         self.status_code = head.status_code
         self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
-        self.reason = head.reason.decode("latin-1")
         self._connection = connection
         self._request = request
         self._timeout_s = timeout_s

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,25 +208,31 @@ class OpenAICompatibleBackend(Backend):
             path = "/completions"
             body["prompt"] = request.prompt
         chat = isinstance(request, ChatRequest)
-        headers, timeout = self._request_headers(ctx), self._timeout(ctx)
         with translate_errors(self.id):
-            if self._lean is not None:
-                payload = json.dumps(body).encode()
-                assert timeout.read is not None
-                async with self._lean.post_stream(path, payload, headers, timeout.read) as lean:
-                    if lean.status_code >= 400:
-                        raise_for_status(await lean.as_httpx(), self.id)
-                    with translate_errors(self.id, reply_started=True):
-                        async for chunk in _parse_sse(lean.aiter_bytes(), self.id, chat=chat):
-                            yield chunk
-                return
-            async with self._http.stream("POST", path, json=body, headers=headers, timeout=timeout) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise_for_status(response, self.id)
+            async with self._streamed_reply(path, body, ctx) as reply:
                 with translate_errors(self.id, reply_started=True):
-                    async for chunk in _parse_sse(response.aiter_bytes(), self.id, chat=chat):
+                    async for chunk in _parse_sse(reply, self.id, chat=chat):
                         yield chunk
+
+    @asynccontextmanager
+    async def _streamed_reply(
+        self, path: str, body: dict[str, Any], ctx: RequestContext
+    ) -> AsyncIterator[AsyncIterable[bytes]]:
+        """POSTs `body` and gives the reply's body bytes, through the lean client where it
+        applies, else httpx; an error status is raised as ours, its message quoted."""
+        headers, timeout = self._request_headers(ctx), self._timeout(ctx)
+        if self._lean is not None:
+            assert timeout.read is not None
+            async with self._lean.post_stream(path, json.dumps(body).encode(), headers, timeout.read) as lean:
+                if lean.status_code >= 400:
+                    raise_for_status(await lean.as_httpx(), self.id)
+                yield lean.aiter_bytes()
+            return
+        async with self._http.stream("POST", path, json=body, headers=headers, timeout=timeout) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise_for_status(response, self.id)
+            yield response.aiter_bytes()
 
     async def embed(self, request: EmbeddingRequest, ctx: RequestContext) -> EmbeddingResult:
         body = {"model": request.model, "input": list(request.inputs), "encoding_format": "float"}
