@@ -49,6 +49,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _litellm_side
+from _procstat import cpu_seconds
 from _sim_upstreams import MODEL, Profile, free_ports, running_upstreams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -113,22 +114,6 @@ class Target:
     pid: int | None = None  # the proxy's process, whose CPU time is counted
     stream_cpu_s: float = 0.0  # the proxy's CPU time (its process and children) while streaming
     streamed_tokens: int = 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its descendants, from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total, pending = 0.0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending.extend(int(child) for child in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
 
 
 def body(index: int, max_tokens: int, stream: bool) -> dict[str, object]:

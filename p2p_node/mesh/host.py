@@ -48,7 +48,12 @@ from p2p_node.mesh import wire
 from p2p_node.mesh.framed import FramedStream, PeerSilent, StreamBroken
 from p2p_node.mesh.identity import peer_id_of
 from p2p_node.mesh.inference_streams import TERMINAL, InferenceCall, StreamPool
-from p2p_node.mesh.libp2p_workarounds import InboundHandlerReaper, batch_yamux_window_updates
+from p2p_node.mesh.libp2p_workarounds import (
+    InboundHandlerReaper,
+    batch_yamux_window_updates,
+    buffer_tcp_reads,
+    eager_locks_in_libp2p_streams,
+)
 from p2p_node.mesh.mdns import interface_addresses
 
 log = logging.getLogger(__name__)
@@ -122,6 +127,8 @@ class MeshHost:
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         batch_yamux_window_updates()  # one WINDOW_UPDATE per token otherwise
+        buffer_tcp_reads()  # two recvs and four checkpoints per Noise message otherwise
+        eager_locks_in_libp2p_streams()  # a scheduler pass per lock per frame otherwise
         noise = NoiseTransport(self.key_pair, noise_privkey=create_x25519_key_pair().private_key)
         psk = hashlib.sha256(self.settings.secret.encode()).hexdigest() if self.settings.secret else None
         self._host = new_host(
