@@ -51,6 +51,14 @@ def batch_yamux_window_updates() -> None:
     YamuxStream._auto_tune_and_send_window_update = return_credit_in_batches  # type: ignore[method-assign]
 
 
+async def acquire_eagerly(lock: trio.Lock) -> None:
+    """Take `lock` at once if it is free (no checkpoint), else wait for it as trio does."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 def buffer_tcp_reads() -> None:
     """TCP reads under libp2p take what the socket has and serve the rest from a buffer.
 
@@ -78,11 +86,7 @@ def buffer_tcp_reads() -> None:
         buffer: bytearray = self.__dict__.setdefault("_read_buffer", bytearray())
         if buffer:
             return take(buffer, n)
-        # The uncontended lock is taken without a checkpoint (the socket op has its own).
-        try:
-            self.read_lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self.read_lock.acquire()
+        await acquire_eagerly(self.read_lock)  # the socket op below is the checkpoint
         try:
             if buffer:  # filled by the reader this one waited for
                 return take(buffer, n)
@@ -118,10 +122,7 @@ class EagerLock:
         self._lock = trio.Lock()
 
     async def acquire(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        await acquire_eagerly(self._lock)
 
     def acquire_nowait(self) -> None:
         self._lock.acquire_nowait()
