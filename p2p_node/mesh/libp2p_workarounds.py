@@ -147,9 +147,10 @@ def eager_locks_in_libp2p_streams() -> None:
     """py-libp2p 0.8.1's per-read and per-write locks become `EagerLock`s.
 
     Reading one frame from a stream takes NetStream's `_state_lock`
-    (libp2p/network/stream/net_stream.py `read`), Yamux's `streams_lock` in its read loop
-    and again in `read_stream`, YamuxStream's read lock; writing one takes its window lock
-    and Yamux's `_write_lock`. Uncontended (the usual case: one reader, one writer per
+    (libp2p/network/stream/net_stream.py `read`) and Yamux's `streams_lock` in its read
+    loop and again in `read_stream`; writing one takes the stream's `window_lock` and
+    Yamux's `_write_lock` (the stream's `close_lock` is swapped too; its ReadWriteLock is
+    left as it is). Uncontended (the usual case: one reader, one writer per
     stream), each was a trip through trio's scheduler; counted with a trio Instrument on an
     asking node relaying a token stream: 7.8 scheduler passes per token before."""
     if getattr(YamuxStream.__init__, "eager", False):
